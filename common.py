@@ -1,0 +1,851 @@
+"""Shared infrastructure for the continual-learning GAN scripts.
+
+Nothing in here is a paper's algorithm: the algorithms live, readable top to bottom, in
+`mergan_jtr.py`, `mergan_ra.py`, `dgm.py` and `ewc_fewshot.py`. This file holds what all of
+them stand on, in this order:
+
+  1. errors, device, seeding            (`UserError`, `cli`, `pick_device`, `seed_everything`)
+  2. the shared command-line flags      (`add_common_args`, `task_split`)
+  3. datasets, offline data, task data  (`load_dataset`, `make_synth`, `TaskData`)
+  4. the MeRGAN digit networks, WGAN-GP (`Generator`, `Critic`, `gradient_penalty`)
+  5. metrics                            (evaluator, generated-sample accuracy, accuracy
+                                         matrix, reverse accuracy, Frechet distance, FID)
+  6. run outputs                        (run folder, json, checkpoints, grids, GIF, progress)
+
+Run it on its own to check a dataset and train (or load) its cached evaluator:
+
+    python common.py --dataset synth            # offline, a minute on 2 CPU cores
+    python common.py --dataset mnist --data-root ./data
+
+Conventions: images are float tensors in [-1, 1], NCHW; datasets are held as uint8 tensors
+on the compute device and converted per minibatch; labels keep the dataset's own class ids.
+See docs/core.md for the choices made here and why.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+from datetime import datetime
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Errors, device, seeding
+# ------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing data, corrupt file): printed as one line."""
+
+
+def cli(main, argv=None):
+    """Run `main(argv)`; a UserError ends in one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished task is checkpointed; rerun with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name="auto"):
+    """`auto` = CUDA when present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device "
+                        "(use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device {name!r} (choose auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    """Every random generator's state, so that a resumed run continues bit for bit."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------
+# 2. The command-line flags every sequential script shares
+# ------------------------------------------------------------------------------------------
+def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
+    """Add the shared interface (see README, "Common flags"); defaults are the caller's."""
+    g = parser.add_argument_group("common")
+    g.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--data-root", default="./data",
+                   help="where datasets are read from / downloaded to (for `folder`: the "
+                        "image folder itself, one sub-folder per class)")
+    g.add_argument("--no-download", action="store_true",
+                   help="never try the network; fail with a clear message if data is missing")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side of the square images (default: 32 for digits/synth/cifar10, "
+                        "64 for folder)")
+    g.add_argument("--out", default=None,
+                   help="run folder (default: runs/<script>-<dataset>-s<seed>-<time>)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
+    g.add_argument("--iters", type=int, default=iters, help="generator iterations per task")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="minibatch size")
+    g.add_argument("--classes", default=None,
+                   help="comma-separated classes in task order, e.g. 0,1,2 (default: all, "
+                        "in order 0..n-1)")
+    g.add_argument("--classes-per-task", type=int, default=1, help="classes in each task")
+    g.add_argument("--eval-samples", type=int, default=eval_samples,
+                   help="generated samples per class for the accuracy metric "
+                        "(paper: 6400 = 100 x 64)")
+    g.add_argument("--log-every", type=int, default=100,
+                   help="print a progress line every this many iterations")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (default: the newest matching "
+                        "run under runs/) from its last finished task")
+    return g
+
+
+def task_split(classes_arg, n_classes, per_task):
+    """Parse --classes / --classes-per-task into a list of tasks, each a list of class ids.
+
+    The papers' protocol is the default: one class per task, in the order 0, 1, ..., 9.
+    """
+    if classes_arg is None:
+        classes = list(range(n_classes))
+    else:
+        try:
+            classes = [int(c) for c in str(classes_arg).split(",") if c.strip() != ""]
+        except ValueError:
+            raise UserError(f"--classes must be comma-separated integers, got {classes_arg!r}")
+    bad = [c for c in classes if not 0 <= c < n_classes]
+    if bad or not classes:
+        raise UserError(f"--classes {classes_arg!r}: classes must be in 0..{n_classes - 1}")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"--classes {classes_arg!r} names a class twice")
+    if per_task < 1 or len(classes) % per_task:
+        raise UserError(f"--classes-per-task {per_task} does not divide the "
+                        f"{len(classes)} classes into whole tasks")
+    return [classes[i:i + per_task] for i in range(0, len(classes), per_task)]
+
+
+# ------------------------------------------------------------------------------------------
+# 3. Datasets
+# ------------------------------------------------------------------------------------------
+# name -> (channels, classes, where torchvision looks under --data-root, files expected there)
+DATASETS = {
+    "mnist": (1, 10, "MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                                  "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"),
+    "fashion": (1, 10, "FashionMNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                                           "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"),
+    "svhn": (3, 10, "", "train_32x32.mat, test_32x32.mat"),
+    "cifar10": (3, 10, "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
+    "folder": (3, None, "", "one sub-folder of images per class (or train/ and test/ "
+                            "folders that each hold them)"),
+    "synth": (1, 10, None, None),        # generated offline by make_synth
+    "synth-color": (3, 10, None, None),  # generated offline by make_synth(color=True)
+}
+
+
+def dataset_info(name):
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def to_float(x):
+    """uint8 images in [0, 255] -> float images in [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x):
+    """float images in [-1, 1] -> uint8 images in [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_dataset(name, root="./data", train=True, image_size=None, download=True):
+    """Return (images uint8 N x C x S x S, labels int64 N, class names), on the CPU.
+
+    Digits are zero-padded 28 -> 32 as the MeRGAN authors do. torchvision's loaders are used
+    for the real datasets; files already in torchvision's layout are never downloaded again.
+    """
+    channels, _, subdir, expected = dataset_info(name)
+    if name in ("synth", "synth-color"):
+        # Fixed data seeds, independent of --seed: every run sees the same dataset.
+        n = 1000 if train else 200
+        x, y = make_synth(n, seed=1 if train else 2, color=(name == "synth-color"))
+        return resize(x, image_size), y, [str(c) for c in range(10)]
+    if name == "folder":
+        return load_folder(root, train, image_size or 64)
+
+    import torchvision.datasets as tvd
+    cls = {"mnist": tvd.MNIST, "fashion": tvd.FashionMNIST,
+           "svhn": tvd.SVHN, "cifar10": tvd.CIFAR10}[name]
+    kw = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+
+    def open_it(download_now):
+        return cls(root, download=download_now, **kw)
+
+    try:
+        ds = open_it(False)
+    except (RuntimeError, FileNotFoundError, OSError) as first:
+        why = f"{first}".strip().splitlines()[0] if str(first).strip() else type(first).__name__
+        if download:
+            try:
+                ds = open_it(True)
+                why = None
+            except Exception as err:  # URLError, HTTPError, checksum, ...: all offline cases
+                why = f"download failed: {type(err).__name__}: {err}".splitlines()[0]
+        else:
+            why = "--no-download was given"
+        if why is not None:
+            where = os.path.join(root, subdir) if subdir else root
+            raise UserError(f"dataset {name!r} not found in {where} (expected {expected}) "
+                            f"and not downloaded ({why})")
+
+    if name in ("mnist", "fashion"):
+        x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1)  # 28 -> 32, zero (= -1) border
+        y = ds.targets.long()
+    elif name == "svhn":
+        x = torch.from_numpy(ds.data)                   # N x 3 x 32 x 32, label 10 -> 0
+        y = torch.from_numpy(ds.labels).long()
+    else:
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        y = torch.tensor(ds.targets).long()
+    names = list(getattr(ds, "classes", [])) or [str(c) for c in range(10)]
+    return resize(x, image_size), y, names
+
+
+def resize(x, size):
+    """Resize uint8 images to size x size (antialiased), or return them unchanged."""
+    if size is None or x.shape[-1] == size:
+        return x
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_folder(root, train, size):
+    """An ImageFolder root (one sub-folder per class) as uint8 tensors.
+
+    With train/ and test/ sub-folders those are the splits; otherwise every 10th image of a
+    class is held out for testing (classes with fewer than 10 images use all images in both).
+    """
+    from torchvision.datasets import ImageFolder
+    import torchvision.transforms as T
+
+    split_dir = os.path.join(root, "train" if train else "test")
+    has_splits = os.path.isdir(os.path.join(root, "train")) and os.path.isdir(
+        os.path.join(root, "test"))
+    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    try:
+        ds = ImageFolder(split_dir if has_splits else root, transform=tf,
+                         loader=lambda p: _open_rgb(p))
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"dataset 'folder' not found in {root} (expected "
+                        f"{DATASETS['folder'][3]}): {str(err).splitlines()[0]}")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor(ds.targets).long()
+    if not has_splits:
+        keep = torch.ones(len(y), dtype=torch.bool)  # classes under 10 images: all in both
+        for c in y.unique():
+            idx = (y == c).nonzero().flatten()
+            if len(idx) >= 10:
+                test = torch.zeros(len(idx), dtype=torch.bool)
+                test[::10] = True
+                keep[idx] = ~test if train else test
+        x, y = x[keep], y[keep]
+    return x, y, list(ds.classes)
+
+
+def _open_rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def make_synth(n_per_class, seed, color=False):
+    """An offline, class-conditional digits dataset, generated in about a second.
+
+    Each of the 10 classes is the glyph of its digit, rendered with Pillow's built-in
+    (FreeType) font at three stroke widths, then put through a random affine transform
+    (rotation +-15 deg, scale 0.75-1.1, shear, shift) and intensity jitter and pixel noise, so
+    that a GAN has to learn a shape distribution rather than copy one picture. `color=True`
+    paints the glyph and the background in two random colours of different brightness (an
+    SVHN-like path with 3 channels). Deterministic for a given seed.
+    Returns uint8 images (N x C x 32 x 32) and int64 labels, classes interleaved 0..9, 0..9.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=44)
+    glyphs = []  # 10 x 3 stroke widths, 64 x 64, values in [0, 1]
+    for digit in range(10):
+        for stroke in (0, 2, 4):
+            im = Image.new("L", (64, 64), 0)
+            ImageDraw.Draw(im).text((32, 32), str(digit), fill=255, font=font, anchor="mm",
+                                    stroke_width=stroke, stroke_fill=255)
+            glyphs.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+    glyphs = torch.stack(glyphs).view(10, 3, 1, 64, 64)
+
+    g = torch.Generator().manual_seed(seed)
+    n = 10 * n_per_class
+    y = torch.arange(n) % 10
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=g)
+    src = glyphs[y, torch.randint(0, 3, (n,), generator=g)]           # N x 1 x 64 x 64
+    angle, scale, shear = u(-15, 15) * math.pi / 180, u(0.75, 1.1), u(-0.25, 0.25)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin + shear, u(-0.12, 0.12)], 1),
+                         torch.stack([sin, cos, u(-0.12, 0.12)], 1)], 1)
+    grid = F.affine_grid(theta, (n, 1, 32, 32), align_corners=False)
+    mask = F.grid_sample(src, grid, align_corners=False, padding_mode="zeros")  # N x 1 x 32 x 32
+    mask = mask * u(0.7, 1.0).view(n, 1, 1, 1)
+    if not color:
+        img = mask + 0.05 * torch.randn(mask.shape, generator=g)
+    else:
+        bg = torch.rand(n, 3, 1, 1, generator=g)
+        fg = torch.rand(n, 3, 1, 1, generator=g)
+        lum = lambda c: (0.299 * c[:, 0] + 0.587 * c[:, 1] + 0.114 * c[:, 2]).view(n, 1, 1, 1)
+        too_close = (lum(fg) - lum(bg)).abs() < 0.4
+        fg = torch.where(too_close, 1.0 - bg, fg)  # keep the digit readable
+        img = bg * (1 - mask) + fg * mask + 0.06 * torch.randn(n, 3, 32, 32, generator=g)
+    x = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x, y
+
+
+class TaskData:
+    """A dataset held on the compute device as uint8; minibatches are sampled there.
+
+    `batch(n, classes)` draws n images (with replacement, as the authors' infinite
+    generators effectively do) from the given classes, returned in [-1, 1] with labels.
+    """
+
+    def __init__(self, x, y, device):
+        self.x = x.to(device)
+        self.y = y.to(device)
+        self.device = device
+        self._index = {}  # tuple(classes) -> indices on device
+
+    def indices(self, classes):
+        key = tuple(sorted(classes))
+        if key not in self._index:
+            mask = torch.zeros_like(self.y, dtype=torch.bool)
+            for c in key:
+                mask |= self.y == c
+            idx = mask.nonzero().flatten()
+            if len(idx) == 0:
+                raise UserError(f"the dataset has no images of classes {list(key)}")
+            self._index[key] = idx
+        return self._index[key]
+
+    def batch(self, n, classes):
+        idx = self.indices(classes)
+        pick = idx[torch.randint(len(idx), (n,), device=self.device)]
+        return to_float(self.x[pick]), self.y[pick]
+
+    def subset(self, classes):
+        """All images (float, [-1, 1]) and labels of the given classes."""
+        idx = self.indices(classes)
+        return to_float(self.x[idx]), self.y[idx]
+
+
+# ------------------------------------------------------------------------------------------
+# 4. The MeRGAN digit networks (REFERENCE.md section 1) and WGAN-GP
+# ------------------------------------------------------------------------------------------
+class CondBatchNorm2d(nn.Module):
+    """Batch norm with a per-class scale and offset (conditional BN).
+
+    As in the authors' TF code (tflib `cond_batchnorm`), it ALWAYS normalises with the
+    statistics of the current batch: in training, in replay and in generation; no running
+    averages exist, so `.eval()` changes nothing. Generate one class per batch to match
+    the authors (see `generate_class`). With n_classes=None it is plain (unconditional) BN.
+    """
+
+    def __init__(self, channels, n_classes=None):
+        super().__init__()
+        k = n_classes or 1
+        self.scale = nn.Parameter(torch.ones(k, channels))
+        self.offset = nn.Parameter(torch.zeros(k, channels))
+
+    def forward(self, x, y=None):
+        x = F.batch_norm(x, None, None, training=True, eps=1e-5)
+        idx = y if y is not None and self.scale.shape[0] > 1 else torch.zeros(
+            len(x), dtype=torch.long, device=x.device)
+        return x * self.scale[idx][:, :, None, None] + self.offset[idx][:, :, None, None]
+
+
+class Generator(nn.Module):
+    """MeRGAN's digit generator (DCGAN with conditional BN), REFERENCE.md section 1.
+
+    z (nz=128) -> Linear -> 4x4 x 4dim -> cBN, ReLU -> [ConvT 5x5 s2, cBN, ReLU] ... ->
+    ConvT 5x5 s2 -> tanh. dim=32 at 32x32 gives 128 -> 64 -> 32 -> channels, the authors'
+    net. image_size 64 adds one up-sampling block. n_classes=None: unconditional.
+    """
+
+    def __init__(self, channels=1, n_classes=10, dim=32, nz=128, image_size=32):
+        super().__init__()
+        n_up = int(math.log2(image_size // 4))
+        if 4 * 2 ** n_up != image_size:
+            raise UserError(f"image size {image_size} must be 4 x a power of two (32, 64)")
+        widths = [dim * 2 ** i for i in reversed(range(n_up))]   # e.g. [128, 64, 32]
+        self.nz, self.top = nz, widths[0]
+        self.fc = nn.Linear(nz, 4 * 4 * widths[0])
+        self.bns = nn.ModuleList([CondBatchNorm2d(w, n_classes) for w in widths])
+        self.ups = nn.ModuleList(
+            [nn.ConvTranspose2d(widths[i], widths[i + 1], 5, 2, 2, output_padding=1)
+             for i in range(n_up - 1)]
+            + [nn.ConvTranspose2d(widths[-1], channels, 5, 2, 2, output_padding=1)])
+
+    def forward(self, z, y=None):
+        h = self.fc(z).view(len(z), self.top, 4, 4)
+        for bn, up in zip(self.bns, self.ups):
+            h = up(F.relu(bn(h, y)))
+        return torch.tanh(h)
+
+
+class Critic(nn.Module):
+    """MeRGAN's digit critic: 5x5 s2 convs (dim, 2dim, 4dim), LeakyReLU 0.2, no
+    normalisation (WGAN-GP), two linear heads on the shared features: the critic D (one
+    score) and the auxiliary classifier C (n_classes logits; None: no classifier head).
+    forward returns (score N, logits N x n_classes or None)."""
+
+    def __init__(self, channels=1, n_classes=10, dim=32, image_size=32):
+        super().__init__()
+        n_down = int(math.log2(image_size // 4))
+        widths = [channels] + [dim * 2 ** i for i in range(n_down)]
+        self.convs = nn.ModuleList([nn.Conv2d(widths[i], widths[i + 1], 5, 2, 2)
+                                    for i in range(n_down)])
+        feat = widths[-1] * 4 * 4
+        self.critic = nn.Linear(feat, 1)
+        self.classifier = nn.Linear(feat, n_classes) if n_classes else None
+
+    def forward(self, x):
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)
+        h = h.flatten(1)
+        logits = self.classifier(h) if self.classifier is not None else None
+        return self.critic(h).squeeze(1), logits
+
+
+def gradient_penalty(critic_fn, real, fake):
+    """WGAN-GP (Gulrajani et al. 2017; MeRGAN Eq. 5, last term, without lambda):
+    E[(||grad_x D(x_hat)||_2 - 1)^2], x_hat = eps*real + (1-eps)*fake, eps ~ U(0,1) per sample.
+    `critic_fn(x)` must return one score per sample."""
+    eps = torch.rand(len(real), *([1] * (real.dim() - 1)), device=real.device)
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic_fn(x_hat).sum(), x_hat, create_graph=True)
+    norm = grad.flatten(1).square().sum(1).add(1e-12).sqrt()
+    return (norm - 1).square().mean()
+
+
+@torch.no_grad()
+def generate_class(generate, c, n, nz, device, batch=64, z=None):
+    """n images of class c from `generate(z, y)`, in single-class batches (the authors'
+    protocol: their batch-statistics BN sees one class per batch)."""
+    out = []
+    for i in range(0, n, batch):
+        m = min(batch, n - i)
+        zi = z[i:i + m] if z is not None else torch.randn(m, nz, device=device)
+        out.append(generate(zi, torch.full((m,), c, dtype=torch.long, device=device)))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Metrics
+# ------------------------------------------------------------------------------------------
+class Evaluator(nn.Module):
+    """The classifier that judges generated images (and is the feature net of the
+    evaluator Frechet distance): 3 conv blocks + a 256-d feature layer + logits."""
+
+    def __init__(self, channels, n_classes, width=32):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * w * 16, 8 * w), nn.ReLU())
+        self.head = nn.Linear(8 * w, n_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(x, y, n_classes, device, steps=1500, width=32, batch=128, lr=1e-3,
+                     seed=0, log=None):
+    """Train an `Evaluator` on float images x in [-1, 1] (on `device`) with labels y.
+    Random +-2 pixel shifts as light augmentation. Used for the evaluator and for reverse
+    accuracy."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(seed)  # init + dropout: deterministic, no effect on the caller's RNG
+    model = Evaluator(x.shape[1], n_classes, width).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=gen).to(device)
+        dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+        xb = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))
+        loss = F.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % 500 == 0:
+            log(f"  classifier step {step + 1}/{steps}  loss {loss.item():.4f}")
+    model.eval()
+    torch.set_rng_state(torch_state)
+    return model
+
+
+@torch.no_grad()
+def classify(model, x, batch=1000):
+    """Predicted labels for float images x (any device the model is on)."""
+    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def features(model, x, batch=1000):
+    return torch.cat([model.features(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def accuracy(model, x, y):
+    return 100.0 * (classify(model, x) == y).float().mean().item()
+
+
+EVALUATOR_VERSION = 1  # bump when Evaluator or its training changes: old caches retrain
+
+
+def get_evaluator(args, train, test, n_classes, device, log=print):
+    """The dataset's evaluator classifier, trained on the real training set and cached
+    under <data-root>/evaluators/. Returns (model, real test accuracy in %)."""
+    size = train.x.shape[-1]
+    name = args.dataset if args.dataset != "folder" else "folder-" + os.path.basename(
+        os.path.abspath(args.data_root))
+    path = os.path.join(args.data_root, "evaluators", f"{name}-{size}px-v{EVALUATOR_VERSION}.pt")
+    key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y),
+           "n_classes": n_classes, "version": EVALUATOR_VERSION}
+    # The offline sets are easy: a narrow net and 600 steps reach ~99% in seconds on a CPU.
+    offline = args.dataset.startswith("synth")
+    width, steps = (16, 600) if offline else (32, int(min(6000, max(1500, 8 * len(train.y) / 128))))
+    key = dict(key, width=width, steps=steps)
+    model = Evaluator(train.x.shape[1], n_classes, width).to(device)
+    if os.path.exists(path):
+        try:
+            ck = torch.load(path, map_location=device, weights_only=True)
+            if ck["key"] == key:
+                model.load_state_dict(ck["model"])
+                model.eval()
+                log(f"evaluator: loaded {path} (real test accuracy {ck['test_acc']:.2f}%)")
+                return model, ck["test_acc"]
+            log(f"evaluator: {path} was trained on other data; retraining")
+        except Exception as err:  # corrupt cache: retrain rather than fail
+            log(f"evaluator: cache {path} unreadable ({type(err).__name__}); retraining")
+    log(f"evaluator: training on {len(train.y)} real {args.dataset} images ...")
+    t0 = time.time()
+    model = train_classifier(to_float(train.x), train.y, n_classes, device, steps=steps,
+                             width=width, log=log)
+    acc = accuracy(model, to_float(test.x), test.y)
+    log(f"evaluator: real test accuracy {acc:.2f}% ({steps} steps, {time.time() - t0:.0f}s)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"key": key, "model": model.state_dict(), "test_acc": acc}, path)
+    return model, acc
+
+
+@torch.no_grad()
+def generated_accuracy(generate, evaluator, classes, n, nz, device, batch=64):
+    """MeRGAN's Acc: for each class, the evaluator's accuracy (%) on n images generated
+    with that label (single-class batches). Returns {class: accuracy}."""
+    out = {}
+    for c in classes:
+        pred = classify(evaluator, generate_class(generate, c, n, nz, device, batch))
+        out[c] = 100.0 * (pred == c).float().mean().item()
+    return out
+
+
+def acc_summary(R):
+    """Summaries of an accuracy matrix R[t][i] (%, None where task i is not yet seen):
+    avg_acc[t] = mean_{i<=t} R[t][i]; forgetting_i = max_{t'<T} R[t'][i] - R[T][i]
+    (i < T, T = last task); BWT = mean_{i<T} (R[T][i] - R[i][i]). REFERENCE.md section 4."""
+    T = len(R) - 1
+    avg = [float(np.mean(row[:t + 1])) for t, row in enumerate(R)]
+    forgetting = [max(R[t][i] for t in range(i, T)) - R[T][i] for i in range(T)]
+    bwt = float(np.mean([R[T][i] - R[i][i] for i in range(T)])) if T > 0 else 0.0
+    return {"avg_acc": avg, "forgetting": forgetting,
+            "avg_forgetting": float(np.mean(forgetting)) if forgetting else 0.0, "bwt": bwt}
+
+
+def reverse_accuracy(generate, classes, n, nz, test, n_classes, device, steps=1500, width=32,
+                     seed=0):
+    """Rev acc (MeRGAN Table 2): train a fresh classifier on n generated images per class
+    (labels = the conditioning classes), test it on the real test images of those classes."""
+    x = torch.cat([generate_class(generate, c, n, nz, device) for c in classes])
+    y = torch.cat([torch.full((n,), c, dtype=torch.long, device=device) for c in classes])
+    model = train_classifier(x, y, n_classes, device, steps=steps, width=width, seed=seed)
+    tx, ty = test.subset(classes)
+    return accuracy(model, tx, ty)
+
+
+def frechet_distance(f1, f2):
+    """Frechet distance between Gaussians fitted to two feature sets (rows = samples).
+    float64, torch only; see frechet_from_stats."""
+    f1, f2 = f1.double(), f2.double()
+    return frechet_from_stats(f1.mean(0), torch.cov(f1.T), f2.mean(0), torch.cov(f2.T))
+
+
+def frechet_from_stats(mu1, s1, mu2, s2):
+    """d^2 = ||mu1-mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2).
+
+    S1 S2 is similar to M = S1^(1/2) S2 S1^(1/2), which is symmetric PSD, so
+    tr (S1 S2)^(1/2) = sum sqrt(eig(M)). S1^(1/2) comes from `eigh` with eigenvalues clamped
+    at 0, M is symmetrised and its eigenvalues clamped at 0: stable for rank-deficient
+    covariances (fewer samples than feature dimensions), no complex numbers, no scipy."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    w, v = torch.linalg.eigh(s1)
+    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = root1 @ s2 @ root1
+    ev = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0)
+    d2 = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * ev.sqrt().sum()
+    return float(d2.clamp(min=0))
+
+
+def inception_net(device):
+    """torchvision's ImageNet Inception-v3 as a 2048-d feature net (pool3).
+
+    Its weights are downloaded once into torch's cache; offline this is a UserError. NOTE:
+    these are torchvision's weights, not the TF-FID Inception: numbers are comparable among
+    themselves, not to papers' TF FID values."""
+    from torchvision.models import Inception_V3_Weights, inception_v3
+    try:
+        net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1, aux_logits=True)
+    except Exception as err:
+        raise UserError("Inception FID needs torchvision's Inception-v3 weights, which could "
+                        f"not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                        "use the evaluator-feature Frechet distance offline")
+    net.fc = nn.Identity()
+    return net.eval().to(device)
+
+
+@torch.no_grad()
+def inception_features(net, x, batch=100):
+    """Features of images in [-1, 1] (1 or 3 channels, any size) for Inception FID."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    out = []
+    for i in range(0, len(x), batch):
+        xb = (x[i:i + batch] + 1) / 2
+        xb = xb.expand(-1, 3, -1, -1) if xb.shape[1] == 1 else xb
+        xb = F.interpolate(xb, size=(299, 299), mode="bilinear", align_corners=False)
+        out.append(net((xb - mean) / std))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Run outputs: folder, json, checkpoints, grids, GIF, progress
+# ------------------------------------------------------------------------------------------
+CHECKPOINT = "checkpoint.pt"
+
+
+def prepare_run(args, script):
+    """Create (or, with --resume, find) the run folder; write args.json.
+
+    Returns (run folder, checkpoint dict or None). A folder that already holds a checkpoint
+    is never overwritten silently: pass --resume or choose another --out.
+    """
+    if args.resume and args.out is None:
+        pattern = os.path.join("runs", f"{script}-{args.dataset}-s{args.seed}-*", CHECKPOINT)
+        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        if not found:
+            raise UserError(f"--resume: no interrupted run matches {pattern}; pass --out")
+        args.out = os.path.dirname(found[-1])
+    if args.out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = os.path.join("runs", f"{script}-{args.dataset}-s{args.seed}-{stamp}")
+    ckpt_path = os.path.join(args.out, CHECKPOINT)
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"--resume: {ckpt_path} does not exist (nothing to resume)")
+        ckpt = load_checkpoint(ckpt_path)
+        keep = ("dataset", "classes", "classes_per_task", "seed", "iters", "batch_size")
+        old = ckpt.get("args", {})
+        changed = [k for k in keep if k in old and old[k] != getattr(args, k)]
+        if changed:
+            raise UserError(f"--resume: {', '.join(changed)} differ from the interrupted run "
+                            f"in {args.out}")
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it or "
+                        "choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    save_json(os.path.join(args.out, "args.json"), vars(args))
+    return args.out, ckpt
+
+
+def save_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_metrics(out, method, args, tasks, R, evaluator_acc, device, seconds, **extra):
+    """metrics.json with the field names every script shares (README, "What a run leaves
+    behind"); R[t][i] in %, None for tasks not yet seen. Returns the dictionary."""
+    metrics = {"method": method, "dataset": args.dataset,
+               "classes": [c for task in tasks for c in task], "tasks": tasks,
+               "acc_matrix": R, **acc_summary(R), "evaluator_test_acc": evaluator_acc,
+               "device": str(device), "seconds": seconds, "args": vars(args), **extra}
+    save_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, state):
+    """state: models, optimisers, the task just finished, metrics so far, args, RNG."""
+    atomic_save(dict(state, rng=rng_state()), os.path.join(out, CHECKPOINT))
+
+
+def load_checkpoint(path, device="cpu"):
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(ckpt, dict):
+            raise ValueError("not a checkpoint dictionary")
+        return ckpt
+    except Exception as err:
+        raise UserError(f"checkpoint {path} is corrupt or unreadable "
+                        f"({type(err).__name__}); delete it or start a new --out")
+
+
+def image_grid(x, nrow):
+    """Float images in [-1, 1] (N x C x H x W) -> uint8 H x W x 3 array, nrow per row."""
+    import torchvision.utils as vutils
+    g = vutils.make_grid((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow,
+                         padding=2, pad_value=1.0)
+    return (g.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def class_grid(generate, all_classes, seen, z, path):
+    """Sample grid with one row per class of the run, generated from the fixed noise z
+    (one single-class batch per row); rows of classes not yet seen stay blank, so that
+    every task's grid has the same size and they animate into a GIF. Returns the array."""
+    rows = []
+    for c in all_classes:
+        if c in seen:
+            y = torch.full((len(z),), c, dtype=torch.long, device=z.device)
+            rows.append(generate(z, y).cpu())
+        else:
+            rows.append(None)
+    shape = next(r for r in rows if r is not None).shape
+    x = torch.cat([r if r is not None else torch.ones(shape) for r in rows])
+    img = image_grid(x, nrow=len(z))
+    imageio.imwrite(path, img)
+    return img
+
+
+def save_gif(frames, path, seconds_per_frame=0.8):
+    """An animated GIF (looping) of equally sized uint8 frames, e.g. grids across tasks."""
+    imageio.mimsave(path, frames, duration=1000 * seconds_per_frame, loop=0)
+
+
+class Progress:
+    """A progress line every `every` iterations: iteration, losses, it/s and ETA.
+
+    `update(it, losses)` takes tensors and only reads them (one host sync) when a line is
+    printed, so the inner loop stays free of `.item()` calls."""
+
+    def __init__(self, total, every, prefix=""):
+        self.total, self.every, self.prefix = total, max(1, every), prefix
+        self.t0 = time.time()
+
+    def update(self, it, losses):
+        done = it + 1
+        if done % self.every and done != self.total:
+            return
+        dt = time.time() - self.t0
+        rate = done / max(dt, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        parts = "  ".join(f"{k} {float(v):+.4f}" for k, v in losses.items())
+        print(f"{self.prefix}it {done:>6}/{self.total}  {parts}  {rate:6.2f} it/s  "
+              f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}", flush=True)
+
+
+def fmt_table(header, rows):
+    """A plain text table: header is a list of str, rows lists of str/float/None."""
+    cells = [[("" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
+              for v in row] for row in [header] + rows]
+    width = [max(len(r[j]) for r in cells) for j in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, width)) for r in cells]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+# ------------------------------------------------------------------------------------------
+# Stand-alone use: check a dataset and its evaluator
+# ------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Check a dataset: load (or generate) it, write a "
+                                "grid of real images, train or load its cached evaluator "
+                                "and print the evaluator's real test accuracy.")
+    p.add_argument("--dataset", default="synth", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default="./data", help="where datasets are read/downloaded")
+    p.add_argument("--no-download", action="store_true", help="never try the network")
+    p.add_argument("--image-size", type=int, default=None, help="image side (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default="runs", help="folder for the grid of real images")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    print(f"device: {device}")
+    seed_everything(0)
+    t0 = time.time()
+    x, y, names = load_dataset(args.dataset, args.data_root, True, args.image_size,
+                               not args.no_download)
+    tx, ty, _ = load_dataset(args.dataset, args.data_root, False, args.image_size,
+                             not args.no_download)
+    n_classes = len(names)
+    print(f"{args.dataset}: {len(y)} train / {len(ty)} test images of shape "
+          f"{tuple(x.shape[1:])}, {n_classes} classes ({time.time() - t0:.1f}s)")
+    train, test = TaskData(x, y, device), TaskData(tx, ty, device)
+    os.makedirs(args.out, exist_ok=True)
+    grid = torch.cat([to_float(x[y == c][:10]) for c in range(n_classes)])
+    path = os.path.join(args.out, f"data-{args.dataset}.png")
+    imageio.imwrite(path, image_grid(grid, nrow=10))
+    print(f"wrote {path}")
+    _, acc = get_evaluator(args, train, test, n_classes, device)
+    print(f"evaluator real test accuracy: {acc:.2f}%")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,409 @@
+"""Tests of the shared core (common.py): maths against known answers, data, outputs.
+
+Everything here runs offline on data the code generates itself.
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+import urllib.error
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import common as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- WGAN-GP
+def test_gradient_penalty_linear_critic_known_answer():
+    # D(x) = <w, x>: grad_x D = w everywhere, so the penalty is (||w|| - 1)^2 exactly.
+    torch.manual_seed(0)
+    w = torch.randn(1, 3, 8, 8, requires_grad=True)
+    real, fake = torch.randn(16, 3, 8, 8), torch.randn(16, 3, 8, 8)
+    gp = C.gradient_penalty(lambda x: (x * w).flatten(1).sum(1), real, fake)
+    norm = w.detach().norm()
+    assert gp.item() == pytest.approx((norm.item() - 1) ** 2, rel=1e-5)
+    # create_graph: the penalty is differentiable w.r.t. the critic's parameters,
+    # d/dw (||w|| - 1)^2 = 2 (||w|| - 1) w / ||w||.
+    gp.backward()
+    expected = 2 * (norm - 1) * w.detach() / norm
+    assert torch.allclose(w.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_penalty_unit_norm_critic_is_zero():
+    # D(x) = ||x||_2 has a unit-norm gradient everywhere (away from 0): penalty 0.
+    real, fake = torch.rand(32, 1, 4, 4) + 1, torch.rand(32, 1, 4, 4) + 1
+    gp = C.gradient_penalty(lambda x: x.flatten(1).norm(dim=1), real, fake)
+    assert gp.item() < 1e-8
+
+
+def test_gradient_penalty_on_the_critic_network():
+    torch.manual_seed(0)
+    D = C.Critic(channels=1, n_classes=10, dim=8)
+    real, fake = torch.rand(8, 1, 32, 32) * 2 - 1, torch.rand(8, 1, 32, 32) * 2 - 1
+    gp = C.gradient_penalty(lambda x: D(x)[0], real, fake)
+    gp.backward()
+    assert gp.item() > 0 and D.convs[0].weight.grad is not None
+
+
+# ---------------------------------------------------------------- Frechet distance
+def test_frechet_identity_covariances_is_mean_distance():
+    mu1, mu2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, -1.0, 5.0])
+    eye = torch.eye(3)
+    assert C.frechet_from_stats(mu1, eye, mu2, eye) == pytest.approx(1 + 9 + 4, abs=1e-10)
+
+
+def test_frechet_one_dimensional_closed_form():
+    # Gaussians N(m1, a^2), N(m2, b^2): d^2 = (m1 - m2)^2 + (a - b)^2.
+    d = C.frechet_from_stats(torch.tensor([1.0]), torch.tensor([[4.0]]),
+                             torch.tensor([-2.0]), torch.tensor([[9.0]]))
+    assert d == pytest.approx(9 + 1, abs=1e-10)
+
+
+def test_frechet_rank_deficient_diagonal_closed_form():
+    # Diagonal covariances with zeros: tr (S1 S2)^(1/2) = sum sqrt(a_i b_i).
+    a, b = torch.tensor([4.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 9.0, 0.0, 0.0])
+    mu = torch.zeros(4)
+    want = a.sum() + b.sum() - 2 * (a * b).sqrt().sum()
+    assert C.frechet_from_stats(mu, torch.diag(a), mu, torch.diag(b)) == pytest.approx(
+        want.item(), abs=1e-9)
+
+
+def test_frechet_identical_sets_and_symmetry():
+    torch.manual_seed(0)
+    x, y = torch.randn(500, 16), torch.randn(400, 16) * 1.5 + 0.3
+    assert abs(C.frechet_distance(x, x)) < 1e-8
+    assert C.frechet_distance(x, y) == pytest.approx(C.frechet_distance(y, x), rel=1e-8)
+
+
+def test_frechet_matches_scipy_on_full_rank_data():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    torch.manual_seed(1)
+    x = torch.randn(300, 8, dtype=torch.float64) @ torch.randn(8, 8, dtype=torch.float64)
+    y = torch.randn(300, 8, dtype=torch.float64) + 0.5
+    s1, s2 = np.cov(x.numpy().T), np.cov(y.numpy().T)
+    covmean = scipy_linalg.sqrtm(s1 @ s2).real
+    ref = (((x.mean(0) - y.mean(0)) ** 2).sum().item() + np.trace(s1) + np.trace(s2)
+           - 2 * np.trace(covmean))
+    assert C.frechet_distance(x, y) == pytest.approx(ref, rel=1e-6)
+
+
+def test_frechet_rank_deficient_samples_are_finite():
+    # 20 samples in 64 dimensions: both covariances have rank <= 19.
+    torch.manual_seed(2)
+    x, y = torch.randn(20, 64), torch.randn(20, 64) + 1.0
+    d = C.frechet_distance(x, y)
+    assert math.isfinite(d) and d > 0
+    assert abs(C.frechet_distance(x, x.clone())) < 1e-8
+
+
+# ---------------------------------------------------------------- tasks and data
+def test_task_split_default_and_custom_orders():
+    assert C.task_split(None, 10, 1) == [[c] for c in range(10)]
+    assert C.task_split("3,1,2", 10, 1) == [[3], [1], [2]]
+    assert C.task_split("0,1,2,3", 10, 2) == [[0, 1], [2, 3]]
+    assert C.task_split(None, 10, 5) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("classes, per_task, msg", [
+    ("0,1,10", 1, "in 0..9"), ("1,1", 1, "twice"), ("0,1,2", 2, "whole tasks"),
+    ("a,b", 1, "integers")])
+def test_task_split_rejects_bad_input(classes, per_task, msg):
+    with pytest.raises(C.UserError, match=msg):
+        C.task_split(classes, 10, per_task)
+
+
+def test_synth_is_deterministic_balanced_and_in_range():
+    x1, y1 = C.make_synth(20, seed=3)
+    x2, y2 = C.make_synth(20, seed=3)
+    x3, _ = C.make_synth(20, seed=4)
+    assert x1.shape == (200, 1, 32, 32) and x1.dtype == torch.uint8
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.bincount(y1).tolist() == [20] * 10
+    xc, _ = C.make_synth(5, seed=3, color=True)
+    assert xc.shape == (50, 3, 32, 32)
+    # glyphs differ between classes: class means are far apart
+    m = torch.stack([C.to_float(x1[y1 == c]).mean(0) for c in range(10)])
+    assert torch.cdist(m.flatten(1), m.flatten(1)).add(torch.eye(10) * 1e9).min() > 1.0
+
+
+def test_load_dataset_synth_and_digit_padding():
+    x, y, names = C.load_dataset("synth", train=False)
+    assert x.shape == (2000, 1, 32, 32) and len(names) == 10
+    f = C.to_float(x)
+    assert f.min() >= -1 and f.max() <= 1
+
+
+def test_task_data_batches_hold_only_requested_classes():
+    x, y = C.make_synth(10, seed=0)
+    data = C.TaskData(x, y, torch.device("cpu"))
+    xb, yb = data.batch(64, [2, 7])
+    assert xb.shape == (64, 1, 32, 32) and xb.dtype == torch.float32
+    assert set(yb.tolist()) <= {2, 7}
+    assert -1 <= xb.min() and xb.max() <= 1
+    with pytest.raises(C.UserError):
+        C.TaskData(x, y[:0].new_zeros(len(y)), torch.device("cpu")).batch(4, [5])
+
+
+def test_folder_dataset_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, n in (("cats", 12), ("dogs", 10), ("few", 3)):
+        os.makedirs(tmp_path / cls)
+        for i in range(n):
+            imageio.imwrite(tmp_path / cls / f"{i}.png",
+                            rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    x, y, names = C.load_dataset("folder", str(tmp_path), train=True, image_size=16)
+    tx, ty, _ = C.load_dataset("folder", str(tmp_path), train=False, image_size=16)
+    assert names == ["cats", "dogs", "few"] and x.shape[1:] == (3, 16, 16)
+    # every 10th image of a class >= 10 images is held out; tiny classes are in both
+    assert torch.bincount(y).tolist() == [10, 9, 3]
+    assert torch.bincount(ty).tolist() == [2, 1, 3]
+
+
+# ---------------------------------------------------------------- missing data
+def test_missing_dataset_offline_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "common.py", "--dataset", "mnist", "--data-root",
+                        str(tmp_path), "--no-download", "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: dataset 'mnist' not found in")
+    assert os.path.join(str(tmp_path), "MNIST", "raw") in lines[0]
+    assert "train-images-idx3-ubyte" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tvd.SVHN, "download", offline)
+    with pytest.raises(C.UserError, match=r"dataset 'svhn' not found .*train_32x32.mat.*"
+                                          r"download failed: URLError"):
+        C.load_dataset("svhn", str(tmp_path), train=True, download=True)
+
+
+def test_unknown_dataset_and_device_are_user_errors():
+    with pytest.raises(C.UserError, match="unknown dataset"):
+        C.load_dataset("imagenet-21k")
+    with pytest.raises(C.UserError, match="unknown --device"):
+        C.pick_device("tpu")
+
+
+# ---------------------------------------------------------------- networks
+@pytest.mark.parametrize("size", [32, 64])
+def test_generator_and_critic_shapes(size):
+    G = C.Generator(channels=3, n_classes=10, dim=8, image_size=size)
+    D = C.Critic(channels=3, n_classes=10, dim=8, image_size=size)
+    x = G(torch.randn(5, 128), torch.arange(5))
+    assert x.shape == (5, 3, size, size) and x.abs().max() <= 1
+    score, logits = D(x)
+    assert score.shape == (5,) and logits.shape == (5, 10)
+
+
+def test_default_generator_is_the_authors_digit_net():
+    G, D = C.Generator(), C.Critic()
+    assert [m.out_channels for m in G.ups] == [64, 32, 1] and G.fc.out_features == 2048
+    assert [m.out_channels for m in D.convs] == [32, 64, 128]
+    assert D.critic.in_features == 2048
+
+
+def test_conditional_bn_uses_batch_statistics_and_labels():
+    torch.manual_seed(0)
+    G = C.Generator(dim=8)
+    with torch.no_grad():
+        for bn in G.bns:  # give classes distinct scales/offsets
+            bn.scale.normal_(1, 0.5)
+            bn.offset.normal_(0, 0.5)
+    z = torch.randn(16, 128)
+    y = torch.full((16,), 3)
+    a = G.train()(z, y)
+    b = G.eval()(z, y)
+    assert torch.equal(a, b)  # no running averages: train/eval identical
+    assert not torch.allclose(G(z, y), G(z, torch.full((16,), 4)))
+    # batch statistics: an image depends on the rest of its batch
+    assert not torch.allclose(G(z[:8], y[:8]), a[:8])
+
+
+# ---------------------------------------------------------------- metrics
+def test_acc_summary_known_answer():
+    R = [[100.0, None, None],
+         [60.0, 90.0, None],
+         [40.0, 80.0, 70.0]]
+    s = C.acc_summary(R)
+    assert s["avg_acc"] == [100.0, 75.0, pytest.approx(190 / 3)]
+    assert s["forgetting"] == [60.0, 10.0]           # max earlier - final
+    assert s["bwt"] == pytest.approx(((40 - 100) + (80 - 90)) / 2)
+
+
+@pytest.fixture(scope="session")
+def synth_eval(tmp_path_factory):
+    """The synth evaluator, trained once per test session in a temporary data root."""
+    root = str(tmp_path_factory.mktemp("data"))
+    args = argparse.Namespace(dataset="synth", data_root=root)
+    dev = torch.device("cpu")
+    x, y, _ = C.load_dataset("synth", train=True)
+    tx, ty, _ = C.load_dataset("synth", train=False)
+    train, test = C.TaskData(x, y, dev), C.TaskData(tx, ty, dev)
+    model, acc = C.get_evaluator(args, train, test, 10, dev, log=lambda *a: None)
+    return args, model, acc, train, test
+
+
+def test_evaluator_reaches_high_accuracy_on_synth(synth_eval):
+    _, model, acc, _, test = synth_eval
+    # measured 98.0% on 2 CPU cores in about 25 s (600 steps, width 16)
+    assert acc >= 95.0
+    x, y = test.subset([4])
+    assert C.accuracy(model, x, y) > 90.0
+
+
+def test_evaluator_cache_is_reused_and_corrupt_cache_retrains(synth_eval, tmp_path):
+    args, model, acc, train, test = synth_eval
+    logs = []
+    _, acc2 = C.get_evaluator(args, train, test, 10, torch.device("cpu"), log=logs.append)
+    assert acc2 == acc and "loaded" in logs[0]
+    # a corrupt cache is reported and replaced, not a crash (tested on a copy)
+    bad = argparse.Namespace(dataset="synth", data_root=str(tmp_path))
+    path = tmp_path / "evaluators" / f"synth-32px-v{C.EVALUATOR_VERSION}.pt"
+    os.makedirs(path.parent)
+    path.write_bytes(b"not a checkpoint")
+    logs = []
+    small = C.TaskData(train.x[:200], train.y[:200], torch.device("cpu"))
+    C.get_evaluator(bad, small, test, 10, torch.device("cpu"), log=logs.append)
+    assert "unreadable" in logs[0] and path.stat().st_size > 1000
+
+
+def test_generated_accuracy_with_known_generators(synth_eval):
+    _, model, _, _, test = synth_eval
+    pools = {c: test.subset([c])[0] for c in range(10)}
+
+    def perfect(z, y):  # "generates" real test images of the asked class
+        c = int(y[0])
+        return pools[c][torch.randint(len(pools[c]), (len(z),))]
+
+    def shifted(z, y):  # always the wrong class
+        return perfect(z, (y + 1) % 10)
+
+    acc = C.generated_accuracy(perfect, model, [0, 5, 9], 128, 128, torch.device("cpu"))
+    assert set(acc) == {0, 5, 9} and min(acc.values()) > 90
+    wrong = C.generated_accuracy(shifted, model, [0, 5], 128, 128, torch.device("cpu"))
+    assert max(wrong.values()) < 10
+
+
+def test_reverse_accuracy_of_a_generator_of_real_images(synth_eval):
+    _, _, _, train, test = synth_eval
+    pools = {c: train.subset([c])[0] for c in range(10)}
+
+    def real(z, y):
+        c = int(y[0])
+        return pools[c][torch.randint(len(pools[c]), (len(z),))]
+
+    def noise(z, y):
+        return torch.rand(len(z), 1, 32, 32) * 2 - 1
+
+    dev = torch.device("cpu")
+    good = C.reverse_accuracy(real, [1, 2, 3], 300, 128, test, 10, dev, steps=400, width=16)
+    bad = C.reverse_accuracy(noise, [1, 2, 3], 300, 128, test, 10, dev, steps=400, width=16)
+    assert good > 90 and bad < 60
+
+
+def test_inception_fid_offline_is_a_user_error(monkeypatch):
+    import torchvision.models as tvm
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tvm, "inception_v3", offline)
+    with pytest.raises(C.UserError, match="Inception-v3 weights"):
+        C.inception_net(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- run outputs
+def _args(tmp_path, **kw):
+    p = argparse.ArgumentParser()
+    C.add_common_args(p, iters=10)
+    a = p.parse_args(["--dataset", "synth", "--out", str(tmp_path / "run")])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_run_folder_checkpoint_and_resume_rules(tmp_path):
+    args = _args(tmp_path)
+    out, ckpt = C.prepare_run(args, "test")
+    assert ckpt is None and os.path.exists(os.path.join(out, "args.json"))
+    C.save_checkpoint(out, {"task": 3, "args": vars(args), "w": torch.ones(2)})
+    with pytest.raises(C.UserError, match="already holds a run"):
+        C.prepare_run(_args(tmp_path), "test")
+    out2, ckpt = C.prepare_run(_args(tmp_path, resume=True), "test")
+    assert out2 == out and ckpt["task"] == 3 and torch.equal(ckpt["w"], torch.ones(2))
+    assert "rng" in ckpt and not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
+    with pytest.raises(C.UserError, match="seed differ"):
+        C.prepare_run(_args(tmp_path, resume=True, seed=5), "test")
+    # resume with no checkpoint, and a corrupt checkpoint: one clear error each
+    with pytest.raises(C.UserError, match="nothing to resume"):
+        C.prepare_run(_args(tmp_path, resume=True, out=str(tmp_path / "none")), "test")
+    with open(os.path.join(out, "checkpoint.pt"), "wb") as f:
+        f.write(b"\x00garbage")
+    with pytest.raises(C.UserError, match="corrupt or unreadable"):
+        C.prepare_run(_args(tmp_path, resume=True), "test")
+
+
+def test_metrics_file_has_the_shared_fields(tmp_path):
+    args = _args(tmp_path)
+    R = [[90.0, None], [50.0, 80.0]]
+    C.write_metrics(str(tmp_path), "sft", args, [[0], [1]], R, 98.0, "cpu", 1.5)
+    m = __import__("json").load(open(tmp_path / "metrics.json"))
+    for key in ("method", "dataset", "classes", "acc_matrix", "avg_acc", "evaluator_test_acc",
+                "device", "seconds", "args", "forgetting", "bwt"):
+        assert key in m
+    assert m["acc_matrix"] == [[90.0, None], [50.0, 80.0]] and m["avg_acc"] == [90.0, 65.0]
+    assert m["classes"] == [0, 1] and m["args"]["dataset"] == "synth"
+
+
+def test_rng_state_round_trip():
+    C.seed_everything(7)
+    state = C.rng_state()
+    a = (torch.rand(3), np.random.rand(), __import__("random").random())
+    C.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_class_grid_and_gif(tmp_path):
+    G = C.Generator(dim=8)
+    z = torch.randn(6, 128)
+    frames = [C.class_grid(G, [0, 1, 2], seen, z, str(tmp_path / f"t{i}.png"))
+              for i, seen in enumerate([[0], [0, 1], [0, 1, 2]])]
+    assert frames[0].shape == frames[2].shape and frames[0].shape[2] == 3
+    assert (frames[0][-20:] == 255).all()  # rows of unseen classes are blank
+    C.save_gif(frames, str(tmp_path / "tasks.gif"))
+    gif = imageio.mimread(str(tmp_path / "tasks.gif"))
+    assert len(gif) == 3 and os.path.exists(tmp_path / "t2.png")
+
+
+def test_progress_line(capsys):
+    p = C.Progress(total=20, every=10, prefix="[task 1/2] ")
+    for it in range(20):
+        p.update(it, {"d_loss": torch.tensor(-1.5), "g_loss": torch.tensor(0.25)})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert "it     20/20" in lines[1] and "d_loss -1.5000" in lines[1]
+    assert "it/s" in lines[1] and "ETA 0:00" in lines[1]
+
+
+def test_common_cli_runs_offline(synth_eval, tmp_path):
+    root = synth_eval[0].data_root  # re-uses the session's cached evaluator
+    r = subprocess.run([sys.executable, "common.py", "--dataset", "synth", "--data-root",
+                        root, "--out", str(tmp_path / "o"), "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "evaluator: loaded" in r.stdout and "evaluator real test accuracy" in r.stdout
+    assert os.path.exists(tmp_path / "o" / "data-synth.png")
