@@ -123,6 +123,9 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
                         "(paper: 6400 = 100 x 64)")
     g.add_argument("--log-every", type=int, default=100,
                    help="print a progress line every this many iterations")
+    g.add_argument("--max-tasks", type=int, default=None,
+                   help="stop after training this many tasks in this call (the run stays "
+                        "resumable with --resume), e.g. to fit a time-limited job")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (default: the newest matching "
                         "run under runs/) from its last finished task")
@@ -181,18 +184,13 @@ def to_float(x):
     return x.float().div_(127.5).sub_(1.0)
 
 
-def to_uint8(x):
-    """float images in [-1, 1] -> uint8 images in [0, 255]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def load_dataset(name, root="./data", train=True, image_size=None, download=True):
     """Return (images uint8 N x C x S x S, labels int64 N, class names), on the CPU.
 
     Digits are zero-padded 28 -> 32 as the MeRGAN authors do. torchvision's loaders are used
     for the real datasets; files already in torchvision's layout are never downloaded again.
     """
-    channels, _, subdir, expected = dataset_info(name)
+    _, _, subdir, expected = dataset_info(name)
     if name in ("synth", "synth-color"):
         # Fixed data seeds, independent of --seed: every run sees the same dataset.
         n = 1000 if train else 200
@@ -377,23 +375,32 @@ class TaskData:
 class CondBatchNorm2d(nn.Module):
     """Batch norm with a per-class scale and offset (conditional BN).
 
-    As in the authors' TF code (tflib `cond_batchnorm`), it ALWAYS normalises with the
-    statistics of the current batch: in training, in replay and in generation; no running
-    averages exist, so `.eval()` changes nothing. Generate one class per batch to match
-    the authors (see `generate_class`). With n_classes=None it is plain (unconditional) BN.
+    As in the authors' TF code (tflib `cond_batchnorm`), it ALWAYS normalises with batch
+    statistics: in training, in replay and in generation; no running averages exist, so
+    `.eval()` changes nothing. The authors give every replay and evaluation batch a single
+    class; here the statistics are computed per class within the batch, which is exactly
+    that protocol (a mixed batch = one single-class batch per class) in one call.
+    With n_classes=None it is plain, unconditional batch norm.
     """
 
-    def __init__(self, channels, n_classes=None):
+    def __init__(self, channels, n_classes=None, eps=1e-5):
         super().__init__()
         k = n_classes or 1
+        self.eps = eps
         self.scale = nn.Parameter(torch.ones(k, channels))
         self.offset = nn.Parameter(torch.zeros(k, channels))
 
     def forward(self, x, y=None):
-        x = F.batch_norm(x, None, None, training=True, eps=1e-5)
-        idx = y if y is not None and self.scale.shape[0] > 1 else torch.zeros(
-            len(x), dtype=torch.long, device=x.device)
-        return x * self.scale[idx][:, :, None, None] + self.offset[idx][:, :, None, None]
+        if y is None or self.scale.shape[0] == 1:
+            x = F.batch_norm(x, None, None, training=True, eps=self.eps)
+            return x * self.scale[0].view(1, -1, 1, 1) + self.offset[0].view(1, -1, 1, 1)
+        onehot = F.one_hot(y, self.scale.shape[0]).to(x.dtype)            # N x K
+        count = onehot.sum(0).clamp(min=1).unsqueeze(1)                     # K x 1
+        mean = (onehot.T @ x.mean((2, 3)) / count)[y][:, :, None, None]    # class means
+        centred = x - mean
+        var = (onehot.T @ centred.square().mean((2, 3)) / count)[y]        # biased, as BN
+        x = centred * torch.rsqrt(var + self.eps)[:, :, None, None]
+        return x * self.scale[y][:, :, None, None] + self.offset[y][:, :, None, None]
 
 
 class Generator(nn.Module):
@@ -545,16 +552,23 @@ EVALUATOR_VERSION = 1  # bump when Evaluator or its training changes: old caches
 
 def get_evaluator(args, train, test, n_classes, device, log=print):
     """The dataset's evaluator classifier, trained on the real training set and cached
-    under <data-root>/evaluators/. Returns (model, real test accuracy in %)."""
+    under <data-root>/evaluators/ (for `folder`: beside the image folder, in
+    <folder>-evaluators/, so that it never becomes a class). Returns (model, real test
+    accuracy in %)."""
     size = train.x.shape[-1]
-    name = args.dataset if args.dataset != "folder" else "folder-" + os.path.basename(
-        os.path.abspath(args.data_root))
-    path = os.path.join(args.data_root, "evaluators", f"{name}-{size}px-v{EVALUATOR_VERSION}.pt")
+    name, cache = args.dataset, os.path.join(args.data_root, "evaluators")
+    if args.dataset == "folder":
+        folder = os.path.abspath(args.data_root)
+        name, cache = "folder-" + os.path.basename(folder), folder + "-evaluators"
+    path = os.path.join(cache, f"{name}-{size}px-v{EVALUATOR_VERSION}.pt")
     key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y),
            "n_classes": n_classes, "version": EVALUATOR_VERSION}
     # The offline sets are easy: a narrow net and 600 steps reach ~99% in seconds on a CPU.
     offline = args.dataset.startswith("synth")
-    width, steps = (16, 600) if offline else (32, int(min(6000, max(1500, 8 * len(train.y) / 128))))
+    # Real data: ~8 epochs, 1,500 to 6,000 steps (300 for folders of under 2,000 images).
+    n = len(train.y)
+    width, steps = (16, 600) if offline else (32, int(min(6000, max(
+        1500 if n >= 2000 else 300, 8 * n / 128))))
     key = dict(key, width=width, steps=steps)
     model = Evaluator(train.x.shape[1], n_classes, width).to(device)
     if os.path.exists(path):
@@ -801,6 +815,90 @@ class Progress:
         parts = "  ".join(f"{k} {float(v):+.4f}" for k, v in losses.items())
         print(f"{self.prefix}it {done:>6}/{self.total}  {parts}  {rate:6.2f} it/s  "
               f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}", flush=True)
+
+
+def setup(args, script):
+    """Everything a sequential script needs before its first task: device, seed, data on
+    the device, tasks, run folder (or the checkpoint to resume) and the evaluator."""
+    device = pick_device(args.device)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
+                                 if device.type == "cuda" else ""), flush=True)
+    seed_everything(args.seed)
+    size, download = args.image_size, not args.no_download
+    x, y, names = load_dataset(args.dataset, args.data_root, True, size, download)
+    tx, ty, _ = load_dataset(args.dataset, args.data_root, False, size, download)
+    tasks = task_split(args.classes, len(names), args.classes_per_task)
+    out, ckpt = prepare_run(args, script)
+    print(f"{args.dataset}: {len(y)} train / {len(ty)} test images {tuple(x.shape[1:])}; "
+          f"tasks {tasks}; run folder {out}", flush=True)
+    train, test = TaskData(x, y, device), TaskData(tx, ty, device)
+    evaluator, evaluator_acc = get_evaluator(args, train, test, len(names), device)
+    return argparse.Namespace(device=device, train=train, test=test, tasks=tasks, out=out,
+                              ckpt=ckpt, evaluator=evaluator, evaluator_acc=evaluator_acc,
+                              n_classes=len(names), channels=x.shape[1],
+                              image_size=x.shape[-1])
+
+
+def run_tasks(args, env, method, models, train_task, generate, nz=128, paper=None):
+    """The task loop every sequential script shares.
+
+    For each task t: `train_task(t)` (the method's own algorithm), then the generated-sample
+    accuracy of every class seen so far (row t of R), a sample grid, and a checkpoint of
+    `models` (a dict of nn.Modules) with every RNG state. With --resume it starts after the
+    last checkpointed task. At the end: the GIF, metrics.json and a table (with the paper's
+    average accuracy beside ours where `paper` = {task count: value} applies)."""
+    tasks, dev = env.tasks, env.device
+    R, class_acc, seconds, start = [], {}, 0.0, 0
+    if env.ckpt is not None:
+        for name, module in models.items():
+            module.load_state_dict(env.ckpt["models"][name])
+        R, class_acc, seconds = env.ckpt["R"], env.ckpt["class_acc"], env.ckpt["seconds"]
+        start = env.ckpt["task"] + 1
+        set_rng_state(env.ckpt["rng"])
+        print(f"resuming after task {start}/{len(tasks)} from {env.out}", flush=True)
+    all_classes = [c for task in tasks for c in task]
+    z_grid = torch.randn(10, nz, generator=torch.Generator().manual_seed(1234)).to(dev)
+    stop = len(tasks) if args.max_tasks is None else min(len(tasks), start + args.max_tasks)
+    for t in range(start, stop):
+        t0 = time.time()
+        train_task(t)
+        seen = [c for task in tasks[:t + 1] for c in task]
+        acc = generated_accuracy(generate, env.evaluator, seen, args.eval_samples, nz, dev)
+        for c in seen:  # per-class history, None before the class is seen
+            class_acc.setdefault(str(c), [None] * t).append(acc[c])
+        R.append([float(np.mean([acc[c] for c in task])) for task in tasks[:t + 1]]
+                 + [None] * (len(tasks) - t - 1))
+        class_grid(generate, all_classes, seen, z_grid,
+                   os.path.join(env.out, f"samples_task{t + 1}.png"))
+        seconds += time.time() - t0
+        print(f"[task {t + 1}/{len(tasks)}] Acc per task: "
+              + " ".join(f"{v:.1f}" for v in R[t][:t + 1])
+              + f"  avg {np.mean(R[t][:t + 1]):.2f}%  ({time.time() - t0:.0f}s)", flush=True)
+        metrics = write_metrics(env.out, method, args, tasks, R, env.evaluator_acc, dev,
+                                seconds, class_acc=class_acc, tasks_done=t + 1)
+        save_checkpoint(env.out, {"task": t, "models": {k: m.state_dict()
+                                                        for k, m in models.items()},
+                                  "R": R, "class_acc": class_acc, "seconds": seconds,
+                                  "args": vars(args)})
+    if stop < len(tasks):
+        print(f"stopped after task {stop}/{len(tasks)} (--max-tasks); continue with "
+              f"--resume --out {env.out}", flush=True)
+        return None
+    frames = [imageio.imread(os.path.join(env.out, f"samples_task{t + 1}.png"))
+              for t in range(len(tasks))]
+    save_gif(frames, os.path.join(env.out, "samples.gif"))
+    header = ["after task"] + [",".join(map(str, task)) for task in tasks] + ["avg"]
+    rows = [[t + 1] + R[t] + [metrics["avg_acc"][t]] for t in range(len(tasks))]
+    if paper:
+        header.append("paper avg")
+        for t, row in enumerate(rows):
+            row.append(paper.get(t + 1))
+    print(f"\n{method} on {args.dataset}: generated-sample accuracy (%) by the evaluator "
+          f"(real test accuracy {env.evaluator_acc:.2f}%), {args.eval_samples} samples/class")
+    print(fmt_table(header, rows))
+    print(f"forgetting (avg) {metrics['avg_forgetting']:.2f}  BWT {metrics['bwt']:.2f}  "
+          f"training+eval time {seconds:.0f}s  -> {env.out}/metrics.json", flush=True)
+    return metrics
 
 
 def fmt_table(header, rows):

@@ -13,6 +13,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common as C
 
@@ -232,6 +233,24 @@ def test_conditional_bn_uses_batch_statistics_and_labels():
     assert not torch.allclose(G(z[:8], y[:8]), a[:8])
 
 
+def test_conditional_bn_mixed_batch_equals_single_class_batches():
+    # Per-class statistics: one mixed batch == one single-class batch per class (the
+    # authors' protocol), each normalised like F.batch_norm over that class alone.
+    torch.manual_seed(0)
+    bn = C.CondBatchNorm2d(6, n_classes=4)
+    with torch.no_grad():
+        bn.scale.normal_(1, 0.5)
+        bn.offset.normal_(0, 0.5)
+    x = torch.randn(30, 6, 5, 5) * 3 + 1
+    y = torch.tensor([0, 2, 3] * 10)
+    mixed = bn(x, y)
+    for c in (0, 2, 3):
+        alone = F.batch_norm(x[y == c], None, None, training=True, eps=1e-5)
+        want = alone * bn.scale[c].view(1, -1, 1, 1) + bn.offset[c].view(1, -1, 1, 1)
+        assert torch.allclose(mixed[y == c], want, atol=1e-5)
+        assert torch.allclose(bn(x[y == c], y[y == c]), want, atol=1e-5)
+
+
 # ---------------------------------------------------------------- metrics
 def test_acc_summary_known_answer():
     R = [[100.0, None, None],
@@ -241,19 +260,6 @@ def test_acc_summary_known_answer():
     assert s["avg_acc"] == [100.0, 75.0, pytest.approx(190 / 3)]
     assert s["forgetting"] == [60.0, 10.0]           # max earlier - final
     assert s["bwt"] == pytest.approx(((40 - 100) + (80 - 90)) / 2)
-
-
-@pytest.fixture(scope="session")
-def synth_eval(tmp_path_factory):
-    """The synth evaluator, trained once per test session in a temporary data root."""
-    root = str(tmp_path_factory.mktemp("data"))
-    args = argparse.Namespace(dataset="synth", data_root=root)
-    dev = torch.device("cpu")
-    x, y, _ = C.load_dataset("synth", train=True)
-    tx, ty, _ = C.load_dataset("synth", train=False)
-    train, test = C.TaskData(x, y, dev), C.TaskData(tx, ty, dev)
-    model, acc = C.get_evaluator(args, train, test, 10, dev, log=lambda *a: None)
-    return args, model, acc, train, test
 
 
 def test_evaluator_reaches_high_accuracy_on_synth(synth_eval):

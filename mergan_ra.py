@@ -1,0 +1,144 @@
+"""MeRGAN-RA: Memory Replay GAN with replay alignment.
+
+Paper: C. Wu, L. Herranz, X. Liu, Y. Wang, J. van de Weijer, B. Raducanu,
+"Memory Replay GANs: learning to generate images from new categories without forgetting",
+NeurIPS 2018 (arXiv:1809.02058), Section 3.2. Docs: docs/mergan.md.
+
+A conditional WGAN-GP learns one class per task. Before each task a frozen copy of the
+generator, G_{t-1}, is kept. The critic sees the current task only; the generator is trained
+adversarially on the current task and, for every earlier class, is asked to draw the same
+image as G_{t-1} for the same noise z and label c: a pixel-wise L2 "replay alignment"
+(Eqs. 12-13). No data of earlier tasks, real or generated, reaches the critic.
+
+    python mergan_ra.py --dataset mnist                   # MeRGAN-RA, Table 1 (lambda_RA 1e-3)
+    python mergan_ra.py --dataset svhn                    # lambda_RA 1e-2, 8001 iters/task
+    python mergan_ra.py --dataset synth --classes 0,1,2 --iters 300 --dim 16 --eval-samples 320
+"""
+import argparse
+import copy
+
+import torch
+
+import common as C
+
+# Table 1 of the paper: MeRGAN-RA average accuracy (%) after 5 and 10 tasks.
+PAPER = {"mnist": {5: 98.19, 10: 97.01}, "svhn": {5: 76.05, 10: 66.78}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p, iters=None)
+    p.add_argument("--lambda-ra", type=float, default=None,
+                   help="weight of the replay alignment loss, Eq. (12), with the authors' "
+                        "normalisation (1/2 sum of squares / number of earlier classes); "
+                        "default 1e-3, 1e-2 on svhn and synth-color (paper)")
+    p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight "
+                   "in Eq. (5) (paper: 10)")
+    p.add_argument("--critic-iters", type=int, default=5, help="critic steps per generator "
+                   "step (paper: 5)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
+                   "(paper: 1e-4, betas 0 and 0.9)")
+    p.add_argument("--dim", type=int, default=32, help="width of generator and critic "
+                   "(paper: 32)")
+    args = p.parse_args(argv)
+    colour = args.dataset in ("svhn", "synth-color")
+    if args.iters is None:  # the authors' train.sh: 4001 per task on MNIST, 8001 on SVHN
+        args.iters = 8001 if colour else 4001
+    if args.lambda_ra is None:
+        args.lambda_ra = 1e-2 if colour else 1e-3
+    return args
+
+
+# ------------------------------------------------------------------------------------------
+# Replay alignment
+# ------------------------------------------------------------------------------------------
+def replay_alignment(x_now, x_prev, n_prev):
+    """Eq. (13): E ||G_t(z, c) - G_{t-1}(z, c)||^2 over earlier classes c, same z for both.
+
+    Normalised as in the authors' code, for which lambda_RA was tuned: TF's l2_loss
+    (1/2 * sum over pixels and batch) divided by the number of earlier classes."""
+    return 0.5 * (x_now - x_prev).square().sum() / n_prev
+
+
+def alignment_batch(prev_classes, batch_size, nz, device):
+    """Noise and labels for the alignment term: batch_size // n_prev per earlier class."""
+    per = max(1, batch_size // len(prev_classes))
+    y = torch.tensor(prev_classes, device=device).repeat_interleave(per)
+    return torch.randn(len(y), nz, device=device), y
+
+
+# ------------------------------------------------------------------------------------------
+# One training iteration: critic steps on the current task, then a generator step
+# ------------------------------------------------------------------------------------------
+def critic_step(G, D, opt_D, x, y, args):
+    """WGAN-GP critic update on the current task only (no classifier in RA)."""
+    with torch.no_grad():  # the fake batch needs no graph in a critic step
+        fake = G(torch.randn(len(y), G.nz, device=x.device), y)
+    score = D(torch.cat([x, fake]))[0]             # one pass: the critic has no batch norm
+    gp = C.gradient_penalty(lambda v: D(v)[0], x, fake)
+    loss = score[len(y):].mean() - score[:len(y)].mean() + args.lambda_gp * gp  # Eq. (5)
+    opt_D.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_D.step()
+    return loss.detach()
+
+
+def generator_step(G, G_prev, D, opt_G, y, prev, args):
+    """Adversarial loss on the current task + lambda_RA * replay alignment (Eq. 12)."""
+    z = torch.randn(len(y), G.nz, device=y.device)
+    if G_prev is None:  # first task: a plain conditional WGAN-GP generator step
+        z_all, y_all = z, y
+    else:
+        z_ra, y_ra = alignment_batch(prev, len(y), G.nz, y.device)
+        z_all, y_all = torch.cat([z, z_ra]), torch.cat([y, y_ra])
+    x = G(z_all, y_all)     # per-class BN statistics: same as separate calls per class
+    D.requires_grad_(False)  # no weight gradients for D in the generator step
+    loss_gan = -D(x[:len(y)])[0].mean()                                    # Eq. (2)
+    loss_ra = torch.zeros((), device=y.device)
+    if G_prev is not None:
+        with torch.no_grad():
+            x_prev = G_prev(z_ra, y_ra)  # the frozen generator: no gradient reaches it
+        loss_ra = replay_alignment(x[len(y):], x_prev, len(prev))          # Eq. (13)
+    loss = loss_gan + args.lambda_ra * loss_ra                             # Eq. (12)
+    opt_G.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_G.step()
+    D.requires_grad_(True)
+    return loss_gan.detach(), loss_ra.detach()
+
+
+def adam(module, lr):
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.0, 0.9))
+
+
+def train_task(t, G, D, env, args):
+    """Train task t. Adam's state is re-initialised at every task, as the authors do."""
+    task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
+    opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)
+    # The frozen replay generator G_{t-1}, a copy taken before task t starts.
+    G_prev = copy.deepcopy(G).requires_grad_(False) if prev else None
+    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
+    for it in range(args.iters):
+        for _ in range(args.critic_iters):
+            x, y = env.train.batch(args.batch_size, task)
+            d_loss = critic_step(G, D, opt_D, x, y, args)
+        g_loss, ra_loss = generator_step(G, G_prev, D, opt_G, y, prev, args)
+        progress.update(it, {"d_loss": d_loss, "g_loss": g_loss, "ra_loss": ra_loss})
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    env = C.setup(args, "mergan_ra")
+    G = C.Generator(env.channels, env.n_classes, args.dim, image_size=env.image_size)
+    D = C.Critic(env.channels, None, args.dim, image_size=env.image_size)  # critic only
+    G, D = G.to(env.device), D.to(env.device)
+    default_protocol = args.classes is None and args.classes_per_task == 1
+    paper = PAPER.get(args.dataset) if default_protocol else None
+    return C.run_tasks(args, env, "mergan-ra", {"G": G, "D": D},
+                       lambda t: train_task(t, G, D, env, args), G, paper=paper)
+
+
+if __name__ == "__main__":
+    C.cli(main)
