@@ -62,16 +62,18 @@ def replay_batch(G_prev, prev_classes, batch_size, nz, device):
     batch_size // n_prev samples per earlier class, as in the authors' code. Conditional
     BN uses per-class statistics, so this equals one single-class batch per class."""
     per = max(1, batch_size // len(prev_classes))
-    y = torch.tensor(prev_classes, device=device).repeat_interleave(per)
+    # as_tensor: a label tensor already on the device is used as is (no copy per step)
+    y = torch.as_tensor(prev_classes, device=device).repeat_interleave(per)
     return G_prev(torch.randn(len(y), nz, device=device), y), y
 
 
-def training_batch(train, task, prev, G_prev, mode, batch_size, nz):
+def training_batch(train, task, prev, prev_y, G_prev, mode, batch_size, nz):
     """S'_t (Eq. 10): a real batch of the current task, joined by one batch of earlier
-    classes: replays from G_{t-1} (JTR), real images (JT), or nothing (SFT, Eqs. 7-8)."""
+    classes: replays from G_{t-1} (JTR), real images (JT), or nothing (SFT, Eqs. 7-8).
+    prev: the earlier classes (a list); prev_y: the same as a tensor on the device."""
     x, y = train.batch(batch_size, task)
     if mode == "jtr" and prev:
-        xr, yr = replay_batch(G_prev, prev, batch_size, nz, x.device)
+        xr, yr = replay_batch(G_prev, prev_y, batch_size, nz, x.device)
     elif mode == "jt" and prev:
         xr, yr = train.batch(batch_size, prev)
     else:
@@ -126,11 +128,12 @@ def train_task(t, G, D, env, args):
     opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)
     # Eq. (10): the frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if args.mode == "jtr" and prev else None
+    prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
     progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         for _ in range(args.critic_iters):
-            x, y = training_batch(env.train, task, prev, G_prev, args.mode, args.batch_size,
-                                  G.nz)
+            x, y = training_batch(env.train, task, prev, prev_y, G_prev, args.mode,
+                                  args.batch_size, G.nz)
             d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args)
         g_gan, g_cls = generator_step(G, D, opt_G, y, args)
         progress.update(it, {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls})

@@ -64,7 +64,8 @@ def replay_alignment(x_now, x_prev, n_prev):
 def alignment_batch(prev_classes, batch_size, nz, device):
     """Noise and labels for the alignment term: batch_size // n_prev per earlier class."""
     per = max(1, batch_size // len(prev_classes))
-    y = torch.tensor(prev_classes, device=device).repeat_interleave(per)
+    # as_tensor: a label tensor already on the device is used as is (no copy per step)
+    y = torch.as_tensor(prev_classes, device=device).repeat_interleave(per)
     return torch.randn(len(y), nz, device=device), y
 
 
@@ -118,12 +119,13 @@ def train_task(t, G, D, env, args):
     opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)
     # The frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if prev else None
+    prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
     progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         for _ in range(args.critic_iters):
             x, y = env.train.batch(args.batch_size, task)
             d_loss = critic_step(G, D, opt_D, x, y, args)
-        g_loss, ra_loss = generator_step(G, G_prev, D, opt_G, y, prev, args)
+        g_loss, ra_loss = generator_step(G, G_prev, D, opt_G, y, prev_y, args)
         progress.update(it, {"d_loss": d_loss, "g_loss": g_loss, "ra_loss": ra_loss})
 
 

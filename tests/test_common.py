@@ -185,6 +185,7 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
+    # torchvision's downloader is replaced: this exercises the download path without network
     monkeypatch.setattr(tvd.SVHN, "download", offline)
     with pytest.raises(C.UserError, match=r"dataset 'svhn' not found .*train_32x32.mat.*"
                                           r"download failed: URLError"):

@@ -82,7 +82,8 @@ def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
 def test_jtr_minibatch_holds_replays_of_every_earlier_class():
     x, y = C.make_synth(20, seed=0)
     train = C.TaskData(x, y, torch.device("cpu"))
-    xb, yb = mergan_jtr.training_batch(train, [3], [0, 1, 2], LabelPainter(), "jtr", 64, 4)
+    xb, yb = mergan_jtr.training_batch(train, [3], [0, 1, 2], torch.tensor([0, 1, 2]),
+                                         LabelPainter(), "jtr", 64, 4)
     assert len(yb) == 64 + 63
     assert (yb[:64] == 3).all()                                   # the current class
     assert torch.bincount(yb[64:]).tolist() == [21, 21, 21]       # every earlier class
@@ -93,9 +94,9 @@ def test_jtr_minibatch_holds_replays_of_every_earlier_class():
 def test_sft_and_jt_minibatches():
     x, y = C.make_synth(20, seed=0)
     train = C.TaskData(x, y, torch.device("cpu"))
-    _, y_sft = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, "sft", 64, 4)
+    _, y_sft = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "sft", 64, 4)
     assert (y_sft == 3).all() and len(y_sft) == 64
-    _, y_jt = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, "jt", 64, 4)
+    _, y_jt = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "jt", 64, 4)
     assert (y_jt[:64] == 3).all() and set(y_jt[64:].tolist()) <= {0, 1, 2}
 
 
