@@ -839,19 +839,24 @@ def setup(args, script):
                               image_size=x.shape[-1])
 
 
-def run_tasks(args, env, method, models, train_task, generate, nz=128, paper=None):
+def run_tasks(args, env, method, models, train_task, generate, nz=128, paper=None,
+              extra=None):
     """The task loop every sequential script shares.
 
     For each task t: `train_task(t)` (the method's own algorithm), then the generated-sample
     accuracy of every class seen so far (row t of R), a sample grid, and a checkpoint of
     `models` (a dict of nn.Modules) with every RNG state. With --resume it starts after the
     last checkpointed task. At the end: the GIF, metrics.json and a table (with the paper's
-    average accuracy beside ours where `paper` = {task count: value} applies)."""
+    average accuracy beside ours where `paper` = {task count: value} applies).
+    `extra`: a dict of plain data the method fills in (e.g. its own metrics); it is saved in
+    every checkpoint, restored on --resume and written into metrics.json as extra fields."""
     tasks, dev = env.tasks, env.device
     R, class_acc, seconds, start = [], {}, 0.0, 0
+    extra = {} if extra is None else extra
     if env.ckpt is not None:
         for name, module in models.items():
             module.load_state_dict(env.ckpt["models"][name])
+        extra.update(env.ckpt.get("extra", {}))
         R, class_acc, seconds = env.ckpt["R"], env.ckpt["class_acc"], env.ckpt["seconds"]
         start = env.ckpt["task"] + 1
         set_rng_state(env.ckpt["rng"])
@@ -875,11 +880,11 @@ def run_tasks(args, env, method, models, train_task, generate, nz=128, paper=Non
               + " ".join(f"{v:.1f}" for v in R[t][:t + 1])
               + f"  avg {np.mean(R[t][:t + 1]):.2f}%  ({time.time() - t0:.0f}s)", flush=True)
         metrics = write_metrics(env.out, method, args, tasks, R, env.evaluator_acc, dev,
-                                seconds, class_acc=class_acc, tasks_done=t + 1)
+                                seconds, class_acc=class_acc, tasks_done=t + 1, **extra)
         save_checkpoint(env.out, {"task": t, "models": {k: m.state_dict()
                                                         for k, m in models.items()},
                                   "R": R, "class_acc": class_acc, "seconds": seconds,
-                                  "args": vars(args)})
+                                  "extra": extra, "args": vars(args)})
     if stop < len(tasks):
         print(f"stopped after task {stop}/{len(tasks)} (--max-tasks); continue with "
               f"--resume --out {env.out}", flush=True)

@@ -1,0 +1,554 @@
+"""DGM: Dynamic Generative Memory, DGM-w (weight masks) and DGM-a (activation masks).
+
+Paper: O. Ostapenko, M. Puscas, T. Klein, P. Jaehnichen, M. Nabi, "Learning to Remember: A
+Synaptic Plasticity Driven Framework for Continual Learning", CVPR 2019 (arXiv:1904.03137).
+Where the paper is less specific than the authors' code (SAP machine-learning-dgm,
+`approaches/DGMw.py`, `DGMa.py`, `networks/net_DGM*.py`, `cfg/*.yml`), we follow the code;
+docs/dgm.md maps every step to both and lists our departures.
+
+One conditional generator G learns every task. For each task t it learns a binary mask
+m_t = sigma(s * e_t) over its weights (DGM-w) or its units (DGM-a), HAT-style: s is annealed
+from 1/s_max to s_max, so that the mask ends binary. What task t reserved (M <- max(M, m_t))
+is frozen for later tasks, a sparsity term keeps each task from reserving more than it needs,
+and after each task the network grows by what was reserved, so that the free capacity stays
+constant. The AC-GAN discriminator D is also the solver: its auxiliary head classifies the
+real data of the current task plus images that G replays for every earlier class, and its
+accuracy on the real test set of all classes seen so far is DGM's metric A_t.
+
+    python dgm.py --dataset mnist                 # DGM-w, the authors' MNIST config
+    python dgm.py --dataset mnist --variant a     # DGM-a
+    python dgm.py --dataset svhn                  # DGM-w, the authors' SVHN config
+    python dgm.py --dataset synth --classes 0,1,2 --iters 300 --eval-samples 320  # CPU minutes
+    python dgm.py --dataset synth --replay none   # forgetting baseline: no replay for D
+"""
+import argparse
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+# The authors' cfg/*.yml (REFERENCE.md section 2). Rows without an authors' config are our
+# choices, marked "ours"; docs/dgm.md says why.
+CONFIGS = {
+    ("mnist", "w"): dict(epochs=101, lr=2e-3, s_max=1e4, lambda_ru=0.08, lambda_gp=1.0,
+                         ngf=6, ndf=32, batch_size=64),
+    ("mnist", "a"): dict(epochs=101, lr=2e-3, s_max=1e5, lambda_ru=0.01, lambda_gp=1.0,
+                         ngf=20, ndf=32, batch_size=64),
+    ("svhn", "w"): dict(epochs=151, lr=5e-4, s_max=1e4, lambda_ru=0.001, lambda_gp=1.0,
+                        ngf=6, ndf=32, batch_size=64),
+    ("svhn", "a"): dict(epochs=151, lr=5e-4, s_max=1e5, lambda_ru=0.001, lambda_gp=1.0,
+                        ngf=20, ndf=32, batch_size=64),                      # ours
+    ("folder", "w"): dict(epochs=101, lr=2e-4, s_max=1e4, lambda_ru=0.001, lambda_gp=0.6,
+                          ngf=64, ndf=128, batch_size=70),                  # ImageNet config
+    ("folder", "a"): dict(epochs=101, lr=2e-4, s_max=1e5, lambda_ru=0.001, lambda_gp=0.6,
+                          ngf=64, ndf=128, batch_size=70),                  # ours
+}
+# Datasets without a config borrow one: grey digits -> MNIST's, colour -> SVHN's. The offline
+# sets (1,000 images per class = 16 batches an epoch) are for CPU budgets: fewer epochs, and
+# ngf 20 for both variants, since DGM-w's ngf 6 needs the full schedule (docs/dgm.md).
+BORROW = {"fashion": "mnist", "synth": "mnist", "cifar10": "svhn", "synth-color": "svhn"}
+OFFLINE = {"synth": dict(epochs=20, ngf=20), "synth-color": dict(epochs=30, ngf=20)}
+CLIP_GRAD = 10000.0   # authors: clip_grad_norm_(G, 10000)
+THRES_COSH = 50.0     # authors / HAT: clamp of s*e inside cosh
+CLOSED = -90.0        # HAT/authors: embedding value that keeps a mask shut (sigmoid ~ 0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p, iters=None, batch_size=None)
+    p.add_argument("--variant", default="w", choices=["w", "a"],
+                   help="w: DGM-w, a mask per weight; a: DGM-a, a mask per unit (activation)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per task (authors: 101 MNIST, 151 SVHN). Sets the default "
+                        "--iters (epochs x batches in the task's training set) and the "
+                        "annealing schedule of s, which rises epoch by epoch")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D, "
+                   "betas (0.5, 0.999) (authors: 2e-3 MNIST, 5e-4 SVHN)")
+    p.add_argument("--s-max", type=float, default=None, help="final slope of the mask "
+                   "sigmoid (authors: 1e4 DGM-w, 1e5 DGM-a)")
+    p.add_argument("--lambda-ru", type=float, default=None, help="weight of the sparsity "
+                   "regulariser R_t (authors: 0.08 MNIST DGM-w, 0.01 DGM-a, 0.001 SVHN)")
+    p.add_argument("--lambda-gp", type=float, default=None, help="gradient-penalty weight "
+                   "(authors: 1.0 digits, 0.6 ImageNet)")
+    p.add_argument("--ngf", type=int, default=None, help="generator width before any "
+                   "growth: 4ngf, 2ngf, ngf channels (authors: 6 DGM-w, 20 DGM-a)")
+    p.add_argument("--ndf", type=int, default=None, help="discriminator width: ndf, 2ndf, "
+                   "4ndf channels (authors: 32 digits)")
+    p.add_argument("--nz", type=int, default=128, help="noise size; the label's one-hot "
+                   "is written into its first n_classes entries (authors)")
+    p.add_argument("--replay", default="generated", choices=["generated", "none"],
+                   help="generated: D's classifier also learns from G's replays of every "
+                        "earlier class (DGM); none: only the current task (the forgetting "
+                        "baseline)")
+    p.add_argument("--replay-size", type=int, default=None, help="replayed images per "
+                   "earlier class (default, authors: the current task's training-set size)")
+    p.add_argument("--d-norm", default="none", choices=["none", "batch"],
+                   help="batch norm in D's 2nd and 3rd conv: none (default, WGAN-GP's advice) "
+                        "or batch (the authors'; see docs/dgm.md for why it is not default)")
+    p.add_argument("--keep-d", action="store_true", help="keep D's conv layers from task to "
+                   "task (its two heads are still reset); default: re-initialise D at every "
+                   "task, as the authors do for digits")
+    args = p.parse_args(argv)
+    key = (BORROW.get(args.dataset, args.dataset), args.variant)
+    cfg = dict(CONFIGS.get(key, CONFIGS[("mnist", args.variant)]))
+    cfg.update(OFFLINE.get(args.dataset, {}))
+    for name, value in cfg.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+# ------------------------------------------------------------------------------------------
+# The generator with learned binary masks and dynamic expansion
+# ------------------------------------------------------------------------------------------
+def dcgan_init(m):
+    """The authors' weights_init: N(0, 0.02) convolutions, BN scale N(1, 0.02), offset 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+        m.reset_running_stats()
+
+
+class DGMGenerator(nn.Module):
+    """The authors' digit generator with HAT masks (REFERENCE.md section 2).
+
+    Masked, shared layers: ConvT 4x4 (nz -> 4ngf, 1x1 -> 4x4), ConvT 4x4 s2 (-> 2ngf, 8x8),
+    ConvT 4x4 s2 (-> ngf, 16x16), no biases; each followed by a per-task BatchNorm and ReLU.
+    Per task: an unmasked output ConvT 4x4 s2 (-> channels, 32x32) + tanh. 64x64 images get
+    one more masked layer. Task t uses the first caps[t] channels of every layer, the widths
+    the network had while t was learned: units added later never reach it.
+    """
+
+    def __init__(self, variant, channels, n_classes, ngf, nz=128, image_size=32):
+        super().__init__()
+        n = int(math.log2(image_size)) - 2
+        if 2 ** (n + 2) != image_size or n < 3:
+            raise C.UserError(f"image size {image_size} must be a power of two >= 32")
+        self.variant, self.channels, self.n_classes, self.nz = variant, channels, n_classes, nz
+        self.widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]   # 32px: 4ngf, 2ngf, ngf
+        self.initial_channels = sum(self.widths)
+        self.caps = []                                              # caps[t]: widths of task t
+        ins = [nz] + self.widths[:-1]
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(i, o, 4, 4) * 0.02) for i, o in zip(ins, self.widths)])
+        for l in range(n):  # M_{<t}: union of earlier tasks' binarised masks (1 = reserved)
+            self.register_buffer(f"reserved_{l}", torch.zeros(self.mask_shape(l)))
+        self.emb = nn.ModuleList([nn.ParameterList() for _ in range(n)])  # emb[l][t] = e_t
+        self.bns = nn.ModuleList()    # bns[t][l]: per-task batch norm (authors)
+        self.outs = nn.ModuleList()   # outs[t]: per-task output layer, not masked (authors)
+
+    # --- shapes and masks -----------------------------------------------------------------
+    def mask_shape(self, l):
+        """DGM-w: one entry per weight; DGM-a: one per output unit (channel)."""
+        return tuple(self.weights[l].shape) if self.variant == "w" else (self.widths[l],)
+
+    def reserved(self, l):
+        return getattr(self, f"reserved_{l}")
+
+    def mask(self, l, t, s):
+        """m_t = sigma(s * e_t) for layer l (HAT, Eq. 2 of Serra et al.; DGM Sec. 3.2)."""
+        return torch.sigmoid(s * self.emb[l][t])
+
+    def free(self, l):
+        """1 - M_{<t} in the shape of layer l's weight: 1 where the weight may still learn.
+        DGM-a (authors' get_view_for): a weight is frozen when both its input unit and its
+        output unit are reserved; for the first layer (input = z) when its output unit is."""
+        if self.variant == "w":
+            return 1.0 - self.reserved(l)
+        out = self.reserved(l).view(1, -1, 1, 1)
+        if l == 0:
+            return (1.0 - out).expand_as(self.weights[l])
+        inp = self.reserved(l - 1).view(-1, 1, 1, 1)
+        return 1.0 - torch.minimum(inp, out).expand_as(self.weights[l])
+
+    # --- tasks ----------------------------------------------------------------------------
+    def add_task(self):
+        """Open task t = len(caps): embeddings at 0 (mask 0.5, authors), a BN per layer, an
+        output layer; the task will use the network at its present widths."""
+        dev = self.weights[0].device
+        self.caps.append(list(self.widths))
+        for l in range(len(self.widths)):
+            self.emb[l].append(nn.Parameter(torch.zeros(self.mask_shape(l), device=dev)))
+        self.bns.append(nn.ModuleList([nn.BatchNorm2d(w) for w in self.widths]).to(dev))
+        self.outs.append(nn.ConvTranspose2d(self.widths[-1], self.channels, 4, 2, 1,
+                                            bias=False).to(dev))
+        self.bns[-1].apply(dcgan_init)
+        self.outs[-1].apply(dcgan_init)
+        return len(self.caps) - 1
+
+    @torch.no_grad()
+    def end_task(self, t, s_max):
+        """Binarise task t's mask at s_max, M <- max(M, m_t) (authors: threshold 0.5), then
+        grow. Returns the number of entries newly reserved in each layer."""
+        new = []
+        for l in range(len(self.widths)):
+            m = (self.mask(l, t, s_max) >= 0.5).float()
+            before = self.reserved(l).sum()
+            self.reserved(l).copy_(torch.maximum(self.reserved(l), m))
+            new.append(int(self.reserved(l).sum() - before))
+        self.expand(new)
+        return new
+
+    @torch.no_grad()
+    def expand(self, new):
+        """Dynamic network expansion (DGM Sec. 3.3): add as much as was newly reserved, so that
+        the free capacity stays constant. DGM-a: n_new output units per layer. DGM-w (authors'
+        `extand`): ceil(n_new / (fan_in * 4 * 4)) output channels, after counting the weights
+        that the previous layer's new channels already add as inputs. New weights are
+        N(0, 0.02); they are free (M = 0); earlier tasks never see them (caps)."""
+        add_in = 0
+        for l, n_new in enumerate(new):
+            w = self.weights[l]
+            c_in, c_out = w.shape[0] + add_in, w.shape[1]
+            if self.variant == "a":
+                add_out = n_new
+            else:
+                gained = add_in * c_out * 16
+                add_out = max(math.ceil((n_new - gained) / (c_in * 16)), 0)
+            grown = torch.randn(c_in, c_out + add_out, 4, 4, device=w.device) * 0.02
+            grown[:w.shape[0], :c_out] = w
+            self.weights[l] = nn.Parameter(grown)
+            self.widths[l] = c_out + add_out
+            old = self.reserved(l)
+            res = torch.zeros(self.mask_shape(l), device=old.device)
+            res[tuple(slice(0, k) for k in old.shape)] = old
+            setattr(self, f"reserved_{l}", res)
+            add_in = add_out
+
+    def sparsity(self, t, s):
+        """R_t (DGM Eq. 4, authors' `criterion`): the share of the still-free capacity that
+        task t's mask takes, sum m_t (1 - M_{<t}) / sum (1 - M_{<t}); for t = 0 it is
+        sum m / numel, since nothing is reserved yet."""
+        num, den = 0.0, 0.0
+        for l in range(len(self.widths)):
+            free = 1.0 - self.reserved(l)
+            num = num + (self.mask(l, t, s) * free).sum()
+            den = den + free.sum()
+        return num / den.clamp(min=1.0)
+
+    def protect_and_compensate(self, t, s, s_ep):
+        """After backward, before the optimiser step (authors' order):
+        plasticity protection: grad W <- grad W * (1 - M_{<t}) (HAT Eq. 3), so weights that
+        earlier tasks reserved never move; embedding compensation (HAT Eq. 5, authors' form):
+        grad e <- grad e * (s_ep / s) * (cosh(clamp(s e, +-50)) + 1) / (cosh(e) + 1)."""
+        for l in range(len(self.widths)):
+            w = self.weights[l]
+            if w.grad is not None:
+                w.grad.mul_(self.free(l))
+            e = self.emb[l][t]
+            if e.grad is not None:
+                num = torch.cosh(torch.clamp(s * e.detach(), -THRES_COSH, THRES_COSH)) + 1
+                den = torch.cosh(e.detach()) + 1
+                e.grad.mul_((s_ep / s) * num / den)
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, z, y, t, s, masked=True):
+        """Images of task t for noise z and labels y at mask slope s. masked=False runs the
+        same network without masks (only for the speed benchmark)."""
+        z = torch.cat([F.one_hot(y, self.n_classes).to(z.dtype), z[:, self.n_classes:]], 1)
+        h, c_in = z.view(len(z), self.nz, 1, 1), self.nz
+        for l, c_out in enumerate(self.caps[t]):
+            w = self.weights[l][:c_in, :c_out]
+            if masked and self.variant == "w":
+                w = w * self.mask(l, t, s)                      # DGM-w: masked weights
+            h = F.conv_transpose2d(h, w, stride=1 if l == 0 else 2, padding=0 if l == 0 else 1)
+            h = F.relu(self.bns[t][l](h))
+            if masked and self.variant == "a":
+                h = h * self.mask(l, t, s).view(1, -1, 1, 1)    # DGM-a: masked units
+            c_in = c_out
+        return torch.tanh(self.outs[t](h))
+
+    # --- size, checkpoints ----------------------------------------------------------------
+    def size(self):
+        shared = sum(w.numel() for w in self.weights)
+        total = sum(p.numel() for p in self.parameters())
+        reserved = [int(self.reserved(l).sum()) for l in range(len(self.widths))]
+        return {"channels": list(self.widths), "shared_params": shared, "total_params": total,
+                "reserved": reserved,
+                "free_fraction": 1 - sum(reserved) / sum(self.reserved(l).numel()
+                                                          for l in range(len(self.widths)))}
+
+    def get_extra_state(self):
+        return {"widths": list(self.widths), "caps": [list(c) for c in self.caps]}
+
+    def set_extra_state(self, state):
+        pass  # the structure was rebuilt in load_state_dict, before the tensors were loaded
+
+    def load_state_dict(self, state, strict=True):
+        """A grown network cannot take its state into the layers it started with: rebuild
+        the structure (widths, tasks) stored in the checkpoint first, then load."""
+        structure = state["_extra_state"]
+        dev = self.weights[0].device
+        self.caps, self.widths = [], list(structure["widths"])
+        ins = [self.nz] + self.widths[:-1]
+        for l, (i, o) in enumerate(zip(ins, self.widths)):
+            self.weights[l] = nn.Parameter(torch.empty(i, o, 4, 4, device=dev))
+            setattr(self, f"reserved_{l}", torch.zeros(self.mask_shape(l), device=dev))
+        self.emb = nn.ModuleList([nn.ParameterList() for _ in self.widths])
+        self.bns, self.outs = nn.ModuleList(), nn.ModuleList()
+        for cap in structure["caps"]:  # re-open every task at the widths it had
+            for l in range(len(cap)):  # shapes of that time (weights are not touched)
+                i = self.nz if l == 0 else cap[l - 1]
+                shape = (i, cap[l], 4, 4) if self.variant == "w" else (cap[l],)
+                self.emb[l].append(nn.Parameter(torch.zeros(shape, device=dev)))
+            self.caps.append(list(cap))
+            self.bns.append(nn.ModuleList([nn.BatchNorm2d(w) for w in cap]).to(dev))
+            self.outs.append(nn.ConvTranspose2d(cap[-1], self.channels, 4, 2, 1,
+                                                bias=False).to(dev))
+        return super().load_state_dict(state, strict)
+
+
+# ------------------------------------------------------------------------------------------
+# The discriminator, which is also the incremental classifier (the "solver")
+# ------------------------------------------------------------------------------------------
+class SolverD(nn.Module):
+    """The authors' AC-GAN discriminator: 5x5 s2 convs (ndf, 2ndf, 4ndf), LeakyReLU 0.2; a
+    critic head (1 score) and an auxiliary classifier head. The classifier head has a row per
+    class of the dataset, but only the rows of the classes seen so far are used (= the
+    authors' head that grows with every task).
+
+    norm="batch" puts the authors' BatchNorm after the 2nd and 3rd conv (no conv biases).
+    Our default is "none" (WGAN-GP's advice, and a departure: docs/dgm.md): with BN, the
+    classifier that learned on batch statistics mis-classifies at test time with running
+    statistics, and the gradient penalty is no longer a per-sample quantity."""
+
+    def __init__(self, channels, n_classes, ndf, image_size=32, norm="none"):
+        super().__init__()
+        n = int(math.log2(image_size // 4))
+        widths = [channels] + [ndf * 2 ** i for i in range(n)]
+        layers = []
+        for i in range(n):
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], 5, 2, 2, bias=norm != "batch"))
+            if i > 0 and norm == "batch":
+                layers.append(nn.BatchNorm2d(widths[i + 1]))
+            layers.append(nn.LeakyReLU(0.2))
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.critic = nn.Linear(widths[-1] * 16, 1)
+        self.classifier = nn.Linear(widths[-1] * 16, n_classes)
+        self.apply(dcgan_init)
+
+    def forward(self, x, seen):
+        """(critic score per image, logits over the classes `seen`, a LongTensor)."""
+        h = self.body(x)
+        return self.critic(h).squeeze(1), self.classifier(h)[:, seen]
+
+    def track_stats(self, on):
+        """norm="batch" only: whether BN running statistics follow the batches (momentum
+        0.1) or stay put (0), so that they are the solver's, not the critic's. Batches are
+        always normalised with their own statistics in training."""
+        for m in self.body:
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1 if on else 0.0
+
+    def reset(self, keep_body=False):
+        """Authors: both heads are reset at every new task; digits: all of D (reinit_D)."""
+        if not keep_body:
+            self.body.apply(dcgan_init)
+        self.critic.reset_parameters()
+        self.classifier.reset_parameters()
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+def s_schedule(it, iters, epochs, s_max, variant):
+    """The authors' annealing of the mask slope within a task. Returns (s, s_ep).
+    Per epoch e of E: s_ep = (s_max - 1/s_max) e / E + 1/s_max. DGM-w also anneals within the
+    epoch, from 1/s_ep to s_ep (for the first epochs, where s_ep < 1, we keep s = s_ep: the
+    authors' formula would run from above s_max down to s_ep there)."""
+    per = iters / epochs
+    e = min(int(it / per), epochs - 1)
+    s_ep = (s_max - 1 / s_max) * e / epochs + 1 / s_max
+    if variant == "w" and s_ep > 1:
+        frac = (it - e * per) / per
+        return (s_ep - 1 / s_ep) * frac + 1 / s_ep, s_ep
+    return s_ep, s_ep
+
+
+@torch.no_grad()
+def build_replay(generate, prev_classes, n_per_class, nz, device):
+    """The replay set of task t (authors): n images of every earlier class, drawn once at
+    the start of the task by the current G at s_max; kept on the device as uint8, like the
+    real data. Returns (TaskData, the earlier classes)."""
+    xs, ys = [], []
+    for c in prev_classes:
+        x = C.generate_class(generate, c, n_per_class, nz, device, batch=256)
+        xs.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        ys.append(torch.full((n_per_class,), c, dtype=torch.long, device=device))
+    return C.TaskData(torch.cat(xs), torch.cat(ys), device), list(prev_classes)
+
+
+def train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep, lam, args,
+               masked=True):
+    """One DGM iteration (authors' order): classifier steps on real + replayed images, one
+    WGAN-GP critic step, one generator step. `replay`: None or (TaskData, earlier classes).
+    Returns the losses, detached (no host synchronisation here)."""
+    # (1) Classifier: the current real batch and one replayed batch per earlier task,
+    # shuffled and cut into batch-sized chunks, one Adam step each (authors).
+    xa, ya = x, y
+    if replay is not None:
+        data, prev = replay
+        xr, yr = data.batch(len(y) * t, prev)
+        xa, ya = torch.cat([x, xr]), torch.cat([y, yr])
+        perm = torch.randperm(len(ya), device=ya.device)
+        xa, ya = xa[perm], ya[perm]
+    D.track_stats(True)   # the running statistics used at test time: the solver's data only
+    for xb, yb in zip(xa.split(len(y)), ya.split(len(y))):
+        cls_loss = F.cross_entropy(D(xb, seen)[1], lookup[yb])        # AC-GAN L_cls (real)
+        opt_D.zero_grad(set_to_none=True)
+        cls_loss.backward()
+        opt_D.step()
+    D.track_stats(False)  # critic and generator passes (fakes, interpolates) leave them be
+    # (2) Critic (WGAN-GP): real and fake batches in separate passes, as the authors do.
+    z = torch.randn(len(y), G.nz, device=y.device)
+    with torch.no_grad():
+        fake = G(z, y, t, s, masked)
+    gp = C.gradient_penalty(lambda v: D(v, seen)[0], x, fake)
+    d_loss = D(fake, seen)[0].mean() - D(x, seen)[0].mean() + args.lambda_gp * gp
+    opt_D.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_D.step()
+    # (3) Generator: adversarial loss + lambda_RU * growth * R_t (DGM Eq. 4); no AC term for
+    # digits (authors: aux_G off).
+    D.requires_grad_(False)
+    z = torch.randn(len(y), G.nz, device=y.device)
+    adv = -D(G(z, y, t, s, masked), seen)[0].mean()
+    reg = G.sparsity(t, s) if masked else torch.zeros((), device=y.device)
+    g_loss = adv + lam * reg
+    opt_G.zero_grad(set_to_none=True)
+    g_loss.backward()
+    if masked:
+        G.protect_and_compensate(t, s, s_ep)
+    torch.nn.utils.clip_grad_norm_(G.parameters(), CLIP_GRAD)
+    opt_G.step()
+    D.requires_grad_(True)
+    return {"d_loss": d_loss.detach(), "g_adv": adv.detach(), "reg": reg.detach(),
+            "cls_loss": cls_loss.detach()}
+
+
+def adam(module, lr):
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))  # authors
+
+
+def task_iterations(args, env, t):
+    """--iters, or the authors' budget: --epochs passes over the task's training set."""
+    if args.iters is not None:
+        return args.iters
+    n = len(env.train.indices(env.tasks[t]))
+    return args.epochs * math.ceil(n / args.batch_size)
+
+
+def train_task(t, G, D, env, args, generate, results):
+    """Learn task t: replay set, new task pieces, the training loop, then binarise, reserve
+    and grow; finally D's accuracy on the real test data of every seen task (A_t)."""
+    tasks, dev = env.tasks, env.device
+    prev = [c for tk in tasks[:t] for c in tk]
+    seen = torch.tensor(prev + tasks[t], device=dev)
+    lookup = torch.full((env.n_classes,), -1, dtype=torch.long, device=dev)
+    lookup[seen] = torch.arange(len(seen), device=dev)        # class id -> head row
+    replay = None
+    if prev and args.replay == "generated":
+        n = args.replay_size or len(env.train.indices(tasks[t]))
+        replay = build_replay(generate, prev, n, G.nz, dev)
+    assert G.add_task() == t
+    D.reset(keep_body=args.keep_d and t > 0)
+    opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)       # fresh optimisers every task
+    lam = args.lambda_ru * sum(G.widths) / G.initial_channels  # lambda_RU x growth factor
+    iters = task_iterations(args, env, t)
+    progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
+    G.train()
+    D.train()
+    for it in range(iters):
+        s, s_ep = s_schedule(it, iters, args.epochs, args.s_max, args.variant)
+        x, y = env.train.batch(args.batch_size, tasks[t])
+        losses = train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep,
+                            lam, args)
+        progress.update(it, dict(losses, s=s))
+    new = G.end_task(t, args.s_max)
+    size = G.size()
+    results["generator"].append(dict(size, task=t + 1, newly_reserved=new))
+    acc = solver_accuracy(D, env.test, tasks[:t + 1], seen)
+    results["solver_acc_matrix"].append(acc + [None] * (len(tasks) - t - 1))
+    results["A"].append(float(np.mean(acc)))
+    print(f"[task {t + 1}/{len(tasks)}] solver accuracy on real test data per task: "
+          + " ".join(f"{a:.1f}" for a in acc) + f"  A_{t + 1} = {np.mean(acc):.2f}%  | G "
+          f"channels {size['channels']}, {size['shared_params']} shared weights, newly "
+          f"reserved {new}, free {100 * size['free_fraction']:.1f}%", flush=True)
+
+
+@torch.no_grad()
+def solver_accuracy(D, test, tasks_seen, seen, batch=1000):
+    """A_t's ingredients: accuracy (%) of D's classifier head, restricted to the classes seen
+    so far, on the real test images of each seen task."""
+    D.eval()  # BN running statistics
+    out = []
+    for task in tasks_seen:
+        x, y = test.subset(task)
+        pred = torch.cat([D(x[i:i + batch], seen)[1].argmax(1)
+                          for i in range(0, len(x), batch)])
+        out.append(100.0 * (seen[pred] == y).float().mean().item())
+    D.train()
+    return out
+
+
+def make_generate(G, tasks, n_classes, s_max, device):
+    """generate(z, y) for the metrics, grids and replay: each label's own task, masks at
+    s_max, BN with its running statistics (authors: G.eval() for replay)."""
+    task_of = torch.zeros(n_classes, dtype=torch.long, device=device)
+    for t, task in enumerate(tasks):
+        task_of[task] = t
+
+    @torch.no_grad()
+    def generate(z, y):
+        was = G.training
+        G.eval()
+        ts = task_of[y]
+        out = torch.empty(len(y), G.channels, *([4 * 2 ** len(G.widths)] * 2), device=z.device)
+        for t in ts.unique().tolist():
+            sel = ts == t
+            out[sel] = G(z[sel], y[sel], t, s_max)
+        G.train(was)
+        return out
+    return generate
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    env = C.setup(args, f"dgm{args.variant}")
+    G = DGMGenerator(args.variant, env.channels, env.n_classes, args.ngf, args.nz,
+                     env.image_size).to(env.device)
+    D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,
+                args.d_norm).to(env.device)
+    generate = make_generate(G, env.tasks, env.n_classes, args.s_max, env.device)
+    results = {"solver_acc_matrix": [], "A": [], "generator": []}
+    method = f"dgm-{args.variant}" + ("-noreplay" if args.replay == "none" else "")
+    metrics = C.run_tasks(args, env, method, {"G": G, "D": D},
+                          lambda t: train_task(t, G, D, env, args, generate, results),
+                          generate, nz=args.nz, extra=results)
+    if metrics is None:
+        return None
+    header = ["after task"] + [",".join(map(str, task)) for task in env.tasks] + ["A_t"]
+    rows = [[t + 1] + results["solver_acc_matrix"][t] + [results["A"][t]]
+            for t in range(len(env.tasks))]
+    print(f"\n{method}: accuracy (%) of D's classifier on the real test data of each task")
+    print(C.fmt_table(header, rows))
+    rows = [[g["task"], str(g["channels"]), g["shared_params"], g["total_params"],
+             str(g["newly_reserved"]), 100 * g["free_fraction"]] for g in results["generator"]]
+    print("\ngenerator size after each task")
+    print(C.fmt_table(["task", "channels", "shared weights", "all params", "newly reserved",
+                       "free %"], rows))
+    return metrics
+
+
+if __name__ == "__main__":
+    C.cli(main)
