@@ -155,7 +155,8 @@ class DGMGenerator(nn.Module):
         return getattr(self, f"reserved_{l}")
 
     def mask(self, l, t, s):
-        """m_t = sigma(s * e_t) for layer l (HAT, Eq. 2 of Serra et al.; DGM Sec. 3.2)."""
+        """m_t = sigma(s * e_t) for layer l (HAT mask, Serra et al. 2018; DGM's binary mask
+        learning)."""
         return torch.sigmoid(s * self.emb[l][t])
 
     def free(self, l):
@@ -200,7 +201,7 @@ class DGMGenerator(nn.Module):
 
     @torch.no_grad()
     def expand(self, new):
-        """Dynamic network expansion (DGM Sec. 3.3): add as much as was newly reserved, so that
+        """Dynamic network expansion (DGM's growth step): add as much as was newly reserved, so that
         the free capacity stays constant. DGM-a: n_new output units per layer. DGM-w (authors'
         `extand`): ceil(n_new / (fan_in * 4 * 4)) output channels, after counting the weights
         that the previous layer's new channels already add as inputs. New weights are
@@ -225,9 +226,9 @@ class DGMGenerator(nn.Module):
             add_in = add_out
 
     def sparsity(self, t, s):
-        """R_t (DGM Eq. 4, authors' `criterion`): the share of the still-free capacity that
-        task t's mask takes, sum m_t (1 - M_{<t}) / sum (1 - M_{<t}); for t = 0 it is
-        sum m / numel, since nothing is reserved yet."""
+        """R_t, DGM's sparsity regulariser (authors' `criterion`): the share of the still-free
+        capacity that task t's mask takes, sum m_t (1 - M_{<t}) / sum (1 - M_{<t}); for
+        t = 0 it is sum m / numel, since nothing is reserved yet."""
         num, den = 0.0, 0.0
         for l in range(len(self.widths)):
             free = 1.0 - self.reserved(l)
@@ -236,10 +237,11 @@ class DGMGenerator(nn.Module):
         return num / den.clamp(min=1.0)
 
     def protect_and_compensate(self, t, s, s_ep):
-        """After backward, before the optimiser step (authors' order):
-        plasticity protection: grad W <- grad W * (1 - M_{<t}) (HAT Eq. 3), so weights that
-        earlier tasks reserved never move; embedding compensation (HAT Eq. 5, authors' form):
-        grad e <- grad e * (s_ep / s) * (cosh(clamp(s e, +-50)) + 1) / (cosh(e) + 1)."""
+        """After backward, before the optimiser step (authors' order).
+        Plasticity protection (HAT gradient masking): grad W <- grad W * (1 - M_{<t}), so
+        that weights earlier tasks reserved never move. HAT embedding-gradient compensation
+        (authors' form): grad e <- grad e * (s_ep / s) * (cosh(clamp(s e, +-50)) + 1)
+        / (cosh(e) + 1)."""
         for l in range(len(self.widths)):
             w = self.weights[l]
             if w.grad is not None:
@@ -401,14 +403,15 @@ def train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep, lam, 
         xa, ya = torch.cat([x, xr]), torch.cat([y, yr])
         perm = torch.randperm(len(ya), device=ya.device)
         xa, ya = xa[perm], ya[perm]
-    D.track_stats(True)   # the running statistics used at test time: the solver's data only
+    D.track_stats(True)   # --d-norm batch: test-time BN statistics = the solver's data only
     for xb, yb in zip(xa.split(len(y)), ya.split(len(y))):
         cls_loss = F.cross_entropy(D(xb, seen)[1], lookup[yb])        # AC-GAN L_cls (real)
         opt_D.zero_grad(set_to_none=True)
         cls_loss.backward()
         opt_D.step()
     D.track_stats(False)  # critic and generator passes (fakes, interpolates) leave them be
-    # (2) Critic (WGAN-GP): real and fake batches in separate passes, as the authors do.
+    # (2) Critic, WGAN-GP loss (Gulrajani et al. 2017): D(fake) - D(real) + lambda_GP * GP;
+    # real and fake batches in separate passes, as the authors do.
     z = torch.randn(len(y), G.nz, device=y.device)
     with torch.no_grad():
         fake = G(z, y, t, s, masked)
@@ -417,8 +420,8 @@ def train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep, lam, 
     opt_D.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_D.step()
-    # (3) Generator: adversarial loss + lambda_RU * growth * R_t (DGM Eq. 4); no AC term for
-    # digits (authors: aux_G off).
+    # (3) Generator: WGAN adversarial loss + lambda_RU * growth * R_t (DGM's sparsity
+    # regulariser); no AC term for digits (authors: aux_G off).
     D.requires_grad_(False)
     z = torch.randn(len(y), G.nz, device=y.device)
     adv = -D(G(z, y, t, s, masked), seen)[0].mean()
