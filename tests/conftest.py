@@ -25,3 +25,16 @@ def synth_eval(tmp_path_factory):
 def data_root(synth_eval):
     """A data root whose synth evaluator is already cached."""
     return synth_eval[0].data_root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A `folder` dataset: 3 class sub-folders of 12 synth-color PNGs each; returns its path."""
+    import imageio.v2 as imageio
+    x, y = C.make_synth(12, seed=5, color=True)
+    root = tmp_path / "imgs"
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i, img in enumerate(x[y == c]):
+            imageio.imwrite(root / f"class{c}" / f"{i}.png", img.permute(1, 2, 0).numpy())
+    return root

@@ -225,18 +225,11 @@ def test_dgm_runs_end_to_end(variant, dataset, extra, data_root, tmp_path):
     assert "A_t" in r.stdout and "it/s" in r.stdout
 
 
-def test_dgm_runs_on_a_folder_dataset(tmp_path):
+def test_dgm_runs_on_a_folder_dataset(image_folder, tmp_path):
     """`folder` (the ImageNet config: batch 70) on 3 x 12 synth-color images written as PNGs,
     at 32 px to keep the folder's evaluator cheap; 64 px is tested on the networks below."""
-    import imageio.v2 as imageio
-    x, y = C.make_synth(12, seed=5, color=True)
-    for c in range(3):
-        os.makedirs(tmp_path / "imgs" / f"class{c}")
-        for i, img in enumerate(x[y == c]):
-            imageio.imwrite(tmp_path / "imgs" / f"class{c}" / f"{i}.png",
-                            img.permute(1, 2, 0).numpy())
     out = tmp_path / "run"
-    r = run_script(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"),
+    r = run_script(["--dataset", "folder", "--data-root", str(image_folder),
                     "--image-size", "32", "--classes", "0,2", "--iters", "2", "--ngf", "4",
                     "--ndf", "8", "--replay-size", "8", "--eval-samples", "8",
                     "--device", "cpu", "--out", str(out)])

@@ -128,18 +128,11 @@ def test_scripts_run_end_to_end_on_synth(script, extra, method, data_root, tmp_p
         assert (out / name).exists(), name
 
 
-def test_scripts_run_on_a_folder_dataset(tmp_path):
+def test_scripts_run_on_a_folder_dataset(image_folder, tmp_path):
     """`folder`: one sub-folder of images per class (here 3 x 12 synth-color images as PNG)."""
-    import imageio.v2 as imageio
-    x, y = C.make_synth(12, seed=5, color=True)
-    for c in range(3):
-        os.makedirs(tmp_path / "imgs" / f"class{c}")
-        for i, img in enumerate(x[y == c]):
-            imageio.imwrite(tmp_path / "imgs" / f"class{c}" / f"{i}.png",
-                            img.permute(1, 2, 0).numpy())
     for script in ("mergan_jtr.py", "mergan_ra.py"):
         out = tmp_path / script
-        run_script(script, "--dataset", "folder", "--data-root", str(tmp_path / "imgs"),
+        run_script(script, "--dataset", "folder", "--data-root", str(image_folder),
                    "--image-size", "32", "--classes", "0,2", "--iters", "2", "--dim", "8",
                    "--eval-samples", "8", "--device", "cpu", "--out", str(out))
         m = json.load(open(out / "metrics.json"))
