@@ -54,7 +54,6 @@ BORROW = {"fashion": "mnist", "synth": "mnist", "cifar10": "svhn", "synth-color"
 OFFLINE = {"synth": dict(epochs=20, ngf=20), "synth-color": dict(epochs=30, ngf=20)}
 CLIP_GRAD = 10000.0   # authors: clip_grad_norm_(G, 10000)
 THRES_COSH = 50.0     # authors / HAT: clamp of s*e inside cosh
-CLOSED = -90.0        # HAT/authors: embedding value that keeps a mask shut (sigmoid ~ 0)
 
 
 def parse_args(argv=None):
