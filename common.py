@@ -170,6 +170,7 @@ DATASETS = {
                             "folders that each hold them)"),
     "synth": (1, 10, None, None),        # generated offline by make_synth
     "synth-color": (3, 10, None, None),  # generated offline by make_synth(color=True)
+    "synth-amber": (3, 10, None, None),  # make_synth(color="amber"): one fixed palette
 }
 
 
@@ -191,10 +192,11 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
     for the real datasets; files already in torchvision's layout are never downloaded again.
     """
     _, _, subdir, expected = dataset_info(name)
-    if name in ("synth", "synth-color"):
+    if name.startswith("synth"):
         # Fixed data seeds, independent of --seed: every run sees the same dataset.
         n = 1000 if train else 200
-        x, y = make_synth(n, seed=1 if train else 2, color=(name == "synth-color"))
+        color = {"synth": False, "synth-color": True, "synth-amber": "amber"}[name]
+        x, y = make_synth(n, seed=1 if train else 2, color=color)
         return resize(x, image_size), y, [str(c) for c in range(10)]
     if name == "folder":
         return load_folder(root, train, image_size or 64)
@@ -293,7 +295,9 @@ def make_synth(n_per_class, seed, color=False):
     (rotation +-15 deg, scale 0.75-1.1, shear, shift) and intensity jitter and pixel noise, so
     that a GAN has to learn a shape distribution rather than copy one picture. `color=True`
     paints the glyph and the background in two random colours of different brightness (an
-    SVHN-like path with 3 channels). Deterministic for a given seed.
+    SVHN-like path with 3 channels). `color="amber"` paints every glyph amber on a navy
+    background (small per-image jitter): one fixed style, the few-shot target of
+    ewc_fewshot.py (same shapes as `synth`, another look). Deterministic for a given seed.
     Returns uint8 images (N x C x 32 x 32) and int64 labels, classes interleaved 0..9, 0..9.
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -322,6 +326,11 @@ def make_synth(n_per_class, seed, color=False):
     mask = mask * u(0.7, 1.0).view(n, 1, 1, 1)
     if not color:
         img = mask + 0.05 * torch.randn(mask.shape, generator=g)
+    elif color == "amber":
+        jitter = lambda: 0.06 * torch.randn(n, 3, 1, 1, generator=g)
+        bg = (torch.tensor([0.08, 0.10, 0.35]).view(1, 3, 1, 1) + jitter()).clamp(0, 1)
+        fg = (torch.tensor([1.00, 0.70, 0.15]).view(1, 3, 1, 1) + jitter()).clamp(0, 1)
+        img = bg * (1 - mask) + fg * mask + 0.06 * torch.randn(n, 3, 32, 32, generator=g)
     else:
         bg = torch.rand(n, 3, 1, 1, generator=g)
         fg = torch.rand(n, 3, 1, 1, generator=g)
