@@ -435,7 +435,8 @@ def feature_net(args, target, device, channels):
 @torch.no_grad()
 def evaluate(G, net, target_feat, shots_float, args, device, inception=None):
     """Frechet distance of generated images to the full target set on the feature net's
-    256-d penultimate features, intra-cluster diversity, and optionally Inception FID."""
+    penultimate features (256-d; 128-d on the offline sets), intra-cluster diversity, and
+    optionally Inception FID."""
     gen = sample(G, args.fd_samples, device)
     res = {"frechet_distance": C.frechet_distance(C.features(net, gen), target_feat),
            "fd_samples": args.fd_samples}
