@@ -673,7 +673,7 @@ def sequential_train_task(t, G, D, ewc, env, args):
             with torch.no_grad():
                 fake = G(torch.randn(len(y), G.nz, device=env.device), y)
             score, logits = D(torch.cat([x, fake]))
-            gp = C.gradient_penalty(lambda v: D(v)[0], x, fake)
+            gp = C.gradient_penalty(lambda v: D(v)[0], x, fake, D.input_gradient)
             d_gan = score[len(y):].mean() - score[:len(y)].mean() + args.lambda_gp * gp  # (5)
             d_cls = F.cross_entropy(logits[:len(y)], y)                                 # (6)
             opt_D.zero_grad(set_to_none=True)

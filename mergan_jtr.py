@@ -12,6 +12,7 @@ classifier and generator are trained on that extended set.
     python mergan_jtr.py --dataset mnist                  # MeRGAN-JTR, Table 1
     python mergan_jtr.py --dataset mnist --mode sft       # sequential fine-tuning (Eqs. 7-8)
     python mergan_jtr.py --dataset mnist --mode jt        # joint training (upper bound)
+    python mergan_jtr.py --dataset lsun --data-root LSUN   # Table 2: 64x64 ResNet nets, 4 scenes
     python mergan_jtr.py --dataset synth --classes 0,1,2 --iters 300 --dim 16 --eval-samples 320
     python benchmarks/step_speed.py                       # seconds per training iteration
 """
@@ -27,6 +28,9 @@ import common as C
 PAPER = {("jtr", "mnist"): {5: 97.93, 10: 97.00}, ("jtr", "svhn"): {5: 80.90, 10: 66.50},
          ("sft", "mnist"): {5: 19.87, 10: 10.06}, ("sft", "svhn"): {5: 19.35, 10: 10.10},
          ("jt", "mnist"): {5: 97.66, 10: 96.92}, ("jt", "svhn"): {5: 85.30, 10: 84.82}}
+# Table 2: LSUN bedroom -> kitchen -> church_outdoor -> tower, after task 4 (no JT column).
+PAPER_LSUN = {"jtr": {"acc": 79.19, "rev_acc": 70.00, "fid": 49.69},
+              "sft": {"acc": 15.02, "rev_acc": 28.0, "fid": 110.12}}
 
 
 def parse_args(argv=None):
@@ -45,11 +49,9 @@ def parse_args(argv=None):
                    "step (paper: 5)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
-    p.add_argument("--dim", type=int, default=32, help="width of generator and critic "
-                   "(paper: 32)")
+    C.add_mergan_args(p)  # --arch, --dim, --final-metrics, --inception-fid
     args = p.parse_args(argv)
-    if args.iters is None:  # the authors' train.sh: 4001 per task on MNIST, 8001 on SVHN
-        args.iters = 8001 if args.dataset in ("svhn", "synth-color") else 4001
+    C.resolve_mergan_defaults(args)  # --arch, --dim, --iters (4001 MNIST, 8001 SVHN, ...)
     return args
 
 
@@ -94,7 +96,10 @@ def critic_step(G, D, opt_D, x, y, n_cur, args):
         fake = G(torch.randn(len(y), G.nz, device=x.device), y)
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     s_real, s_fake = score[:len(y)], score[len(y):]
-    gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur])
+    # The DCGAN critic writes its input gradient out (exact, cheaper than autograd's double
+    # backward); the ResNet critic leaves it to autograd.
+    gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur],
+                            getattr(D, "input_gradient", None))
     loss_gan = s_fake.mean() - s_real.mean() + args.lambda_gp * gp  # Eq. (5): WGAN-GP critic
     loss_cls = F.cross_entropy(logits[:len(y)], y)                   # Eq. (6): AC on real data
     loss = loss_gan + args.lambda_cls * loss_cls
@@ -143,13 +148,16 @@ def train_task(t, G, D, env, args):
 def main(argv=None):
     args = parse_args(argv)
     env = C.setup(args, f"mergan_{args.mode}")
-    G = C.Generator(env.channels, env.n_classes, args.dim, image_size=env.image_size)
-    D = C.Critic(env.channels, env.n_classes, args.dim, image_size=env.image_size)
+    G, D = C.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
+                             env.image_size, critic_classes=env.n_classes)
     G, D = G.to(env.device), D.to(env.device)
     default_protocol = args.classes is None and args.classes_per_task == 1
     paper = PAPER.get((args.mode, args.dataset)) if default_protocol else None
+    paper_final = PAPER_LSUN.get(args.mode) if default_protocol and args.dataset == "lsun" \
+        else None
     return C.run_tasks(args, env, f"mergan-{args.mode}", {"G": G, "D": D},
-                       lambda t: train_task(t, G, D, env, args), G, paper=paper)
+                       lambda t: train_task(t, G, D, env, args), G, paper=paper,
+                       paper_final=paper_final)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ step of the same networks and losses. CPU by default; `--device cuda` on a GPU.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -16,6 +17,27 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import mergan_jtr  # noqa: E402
+
+
+class PlainGenerator(C.Generator):
+    """The same generator, every layer called as written (nn.ConvTranspose2d)."""
+
+    def forward(self, z, y=None):
+        h = self.fc(z).view(len(z), self.top, 4, 4)
+        for bn, up in zip(self.bns, self.ups):
+            h = up(F.relu(bn(h, y)))
+        return torch.tanh(h)
+
+
+class PlainCritic(C.Critic):
+    """The same critic, every layer called as written (nn.Conv2d)."""
+
+    def forward(self, x):
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)
+        h = h.flatten(1)
+        return self.critic(h).squeeze(1), self.classifier(h)
 
 
 def plain_iteration(G, D, opt_G, opt_D, x, y, critic_iters=5, lambda_gp=10.0):
@@ -41,12 +63,11 @@ def plain_iteration(G, D, opt_G, opt_D, x, y, critic_iters=5, lambda_gp=10.0):
     opt_G.step()
 
 
-def time_it(step, iters, warmup, dev):
-    for i in range(warmup + iters):
-        if i == warmup:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+def time_it(step, iters, dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -56,7 +77,8 @@ def time_it(step, iters, warmup, dev):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations per round")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args()
@@ -64,24 +86,38 @@ def main():
         torch.set_num_threads(a.threads)
     dev = C.pick_device(a.device)
     args = mergan_jtr.parse_args(["--device", str(dev)])
-    results = {}
+    steps = {}
     for name in ("plain", "ours"):
         torch.manual_seed(0)
-        G, D = C.Generator().to(dev), C.Critic().to(dev)
+        if name == "plain":
+            G, D = PlainGenerator().to(dev), PlainCritic().to(dev)
+        else:
+            G, D = C.Generator().to(dev), C.Critic().to(dev)
         opt_G, opt_D = mergan_jtr.adam(G, 1e-4), mergan_jtr.adam(D, 1e-4)
         x = torch.rand(64, 1, 32, 32, device=dev) * 2 - 1
         y = torch.zeros(64, dtype=torch.long, device=dev)
         if name == "plain":
-            step = lambda: plain_iteration(G, D, opt_G, opt_D, x, y)
+            steps[name] = (lambda G=G, D=D, oG=opt_G, oD=opt_D, x=x, y=y:
+                           plain_iteration(G, D, oG, oD, x, y))
         else:
-            def step():
+            def step(G=G, D=D, opt_G=opt_G, opt_D=opt_D, x=x, y=y):
                 for _ in range(args.critic_iters):
                     mergan_jtr.critic_step(G, D, opt_D, x, y, len(y), args)
                 mergan_jtr.generator_step(G, D, opt_G, y, args)
-        results[name] = time_it(step, a.iters, a.warmup, dev)
-        print(f"{name:>5}: {results[name]:.4f} s/iteration  {1 / results[name]:6.2f} it/s "
-              f"({dev}, {torch.get_num_threads()} threads)", flush=True)
-    print(f"ours / plain = {results['ours'] / results['plain']:.2f}")
+            steps[name] = step
+        time_it(steps[name], a.warmup, dev)
+    # Interleaved rounds, so that a slow phase of the machine hits both variants alike;
+    # the median round of each is reported.
+    times = {name: [] for name in steps}
+    for r in range(a.rounds):
+        for name, step in steps.items():
+            times[name].append(time_it(step, a.iters, dev))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name in steps:
+        print(f"{name:>5}: {med[name]:.4f} s/iteration  {1 / med[name]:6.2f} it/s "
+              f"(median of {a.rounds} rounds of {a.iters}; {dev}, "
+              f"{torch.get_num_threads()} threads)", flush=True)
+    print(f"ours / plain = {med['ours'] / med['plain']:.2f}")
 
 
 if __name__ == "__main__":

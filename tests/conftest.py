@@ -38,3 +38,28 @@ def image_folder(tmp_path):
         for i, img in enumerate(x[y == c]):
             imageio.imwrite(root / f"class{c}" / f"{i}.png", img.permute(1, 2, 0).numpy())
     return root
+
+
+@pytest.fixture
+def lsun_root(tmp_path):
+    """LSUN's lmdb layout in miniature: <category>_train_lmdb (6 images each) and
+    <category>_val_lmdb (3 each) for the four Table 2 categories, JPEG/PNG-encoded values
+    under arbitrary keys, as LSUN's download.py writes them. Each category gets its own
+    colour. Returns the root (str)."""
+    lmdb = pytest.importorskip("lmdb", reason="the lsun loader reads lmdb databases; "
+                               "lmdb is in requirements.txt")
+    import io
+    from PIL import Image
+    x, _ = C.make_synth(9, seed=7, color=True)
+    for c, cat in enumerate(C.LSUN_CATEGORIES):
+        for split, n in (("train", 6), ("val", 3)):
+            db = lmdb.open(str(tmp_path / f"{cat}_{split}_lmdb"), map_size=1 << 24)
+            with db.begin(write=True) as txn:
+                for i in range(n):
+                    img = x[c * 9 + i].permute(1, 2, 0).numpy().copy()
+                    img[..., c % 3] = 255  # a colour cast per category
+                    buf = io.BytesIO()
+                    Image.fromarray(img).resize((48, 40)).save(buf, "PNG" if i % 2 else "JPEG")
+                    txn.put(f"{cat}-{i:04d}".encode(), buf.getvalue())
+            db.close()
+    return str(tmp_path)

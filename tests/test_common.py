@@ -252,6 +252,53 @@ def test_conditional_bn_mixed_batch_equals_single_class_batches():
         assert torch.allclose(bn(x[y == c], y[y == c]), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels, size", [(1, 32), (3, 16), (4, 8)])
+def test_space_to_depth_convolutions_equal_the_plain_ones(channels, size):
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, size, size)
+    w, b = torch.randn(7, channels, 5, 5), torch.randn(7)
+    want = F.conv2d(x, w, b, stride=2, padding=2)
+    assert torch.allclose(C.conv5_s2(x, w, b), want, atol=1e-4)
+    g = torch.randn(3, 7, size // 2, size // 2)
+    wt, bt = torch.randn(7, channels, 5, 5), torch.randn(channels)
+    want = F.conv_transpose2d(g, wt, bt, stride=2, padding=2, output_padding=1)
+    got = C.conv_transpose5_s2(g, wt, bt)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+    # the faster routes are used by the networks: an nn.Conv2d with the critic's weights
+    D = C.Critic(channels, None, dim=4, image_size=max(size, 8))
+    first = D.convs[0]
+    assert torch.allclose(C.conv5_s2(x, first.weight, first.bias), first(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 32), (3, 64)])
+def test_critic_input_gradient_equals_autograd(channels, size):
+    # Critic.input_gradient writes grad_x D(x) out layer by layer; it must give autograd's
+    # value, and the gradient penalty built on it the same weight gradients as autograd's
+    # double backward.
+    torch.manual_seed(0)
+    D = C.Critic(channels, 10, dim=8, image_size=size)
+    x = torch.randn(6, channels, size, size, requires_grad=True)
+    (want,) = torch.autograd.grad(D(x)[0].sum(), x)
+    assert torch.allclose(D.input_gradient(x.detach()), want, atol=1e-6, rtol=1e-4)
+    real, fake = torch.randn(2, 6, channels, size, size)
+    params = [p for n, p in D.named_parameters() if not n.startswith("classifier")]
+    torch.manual_seed(1)
+    gp_auto = C.gradient_penalty(lambda v: D(v)[0], real, fake)
+    g_auto = torch.autograd.grad(gp_auto, params, allow_unused=True)
+    torch.manual_seed(1)
+    gp_fast = C.gradient_penalty(lambda v: D(v)[0], real, fake, D.input_gradient)
+    g_fast = torch.autograd.grad(gp_fast, params, allow_unused=True)
+    assert torch.allclose(gp_fast, gp_auto, rtol=1e-5)
+    for (name, _), a, b in zip([np for np in D.named_parameters()
+                                if not np[0].startswith("classifier")], g_auto, g_fast):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is None:
+            continue
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
+    assert any(g is not None and g.abs().sum() > 0 for g in g_fast)
+
+
 # ---------------------------------------------------------------- metrics
 def test_acc_summary_known_answer():
     R = [[100.0, None, None],

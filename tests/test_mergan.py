@@ -185,3 +185,75 @@ def test_sft_forgets_the_first_class_while_ra_and_jtr_keep_it(data_root, tmp_pat
     assert first["ra"] > 60 and first["ra"] - first["sft"] > 50, first
     assert first["jtr"] > 60 and first["jtr"] - first["sft"] > 50, first
     assert "0 after t2" in r.stdout
+
+
+# ---------------------------------------------------------------- the LSUN setting (Table 2)
+def test_resnet_networks_are_the_authors_lsun_nets():
+    G = C.ResNetGenerator(3, 4, dim=64, image_size=64)
+    D = C.ResNetCritic(3, 4, dim=64, image_size=64)
+    assert G.fc.in_features == 128 + 4 and G.fc.out_features == 4 * 4 * 512  # z + one-hot
+    assert [b.conv2.out_channels for b in G.blocks] == [512, 256, 128, 64]
+    assert G.out.out_channels == 3 and len(G.bn.scale) == 1  # shared BN scale/offset
+    assert D.input.out_channels == 64
+    assert [b.conv2.out_channels for b in D.blocks] == [128, 256, 512, 512]
+    assert isinstance(D.blocks[0].ln1, torch.nn.GroupNorm) and D.blocks[0].ln1.num_groups == 1
+    assert D.critic.in_features == 512 * 16 and D.classifier.out_features == 4
+    torch.manual_seed(0)
+    g, d = C.ResNetGenerator(3, 4, dim=4, image_size=16), C.ResNetCritic(3, 4, 4, 16)
+    z = torch.randn(8, 128)
+    x = g(z, torch.zeros(8, dtype=torch.long))
+    assert x.shape == (8, 3, 16, 16) and x.abs().max() <= 1
+    assert not torch.allclose(x, g(z, torch.ones(8, dtype=torch.long)))  # label through z
+    # layer norm: a critic score depends on its own image only (what the GP needs)
+    with torch.no_grad():
+        assert torch.allclose(d(x)[0][:3], d(x[:3])[0], atol=1e-5)
+
+
+def test_lsun_loader_reads_lmdb_and_caches(lsun_root):
+    x, y, names = C.load_dataset("lsun", lsun_root, train=True, image_size=16)
+    assert names == list(C.LSUN_CATEGORIES)
+    assert x.shape == (24, 3, 16, 16) and x.dtype == torch.uint8
+    assert torch.bincount(y).tolist() == [6, 6, 6, 6]
+    tx, ty, _ = C.load_dataset("lsun", lsun_root, train=False, image_size=16)
+    assert tx.shape == (12, 3, 16, 16) and torch.bincount(ty).tolist() == [3, 3, 3, 3]
+    # the colour cast of category c is in channel c % 3
+    assert x[y == 1][:, 1].float().mean() > x[y == 1][:, 0].float().mean()
+    x2, _, _ = C.load_lsun(lsun_root, True, 16, per_class=2)
+    assert len(x2) == 8
+    # the decoded tensors are cached: the databases are not needed again
+    import shutil
+    for cat in C.LSUN_CATEGORIES:
+        shutil.rmtree(os.path.join(lsun_root, f"{cat}_train_lmdb"))
+    x3, y3, _ = C.load_dataset("lsun", lsun_root, train=True, image_size=16)
+    assert torch.equal(x3, x) and torch.equal(y3, y)
+    with pytest.raises(C.UserError, match="missing bedroom_train_lmdb"):
+        C.load_dataset("lsun", lsun_root, train=True, image_size=32)
+
+
+def test_scripts_run_the_lsun_setting_with_table2_metrics(lsun_root, tmp_path):
+    """Both scripts on (miniature) LSUN with the ResNet nets; the run ends with Acc, Rev acc
+    and the Frechet distance, beside the paper's Table 2."""
+    for script, extra in (("mergan_ra.py", []), ("mergan_jtr.py", ["--mode", "sft"])):
+        out = tmp_path / script
+        r = run_script(script, "--dataset", "lsun", "--data-root", lsun_root, "--image-size",
+                       "16", "--arch", "resnet", "--dim", "4", "--iters", "2",
+                       "--eval-samples", "8", "--device", "cpu", "--out", str(out), *extra)
+        m = json.load(open(out / "metrics.json"))
+        assert m["dataset"] == "lsun" and m["classes"] == [0, 1, 2, 3]
+        assert m["args"]["arch"] == "resnet" and m["args"]["final_metrics"] is True
+        assert 0 <= m["rev_acc"] <= 100 and m["fd_evaluator"] > 0
+        assert "Rev acc (%)" in r.stdout and "FID (paper, TF Inception)" in r.stdout
+        paper = {"mergan_ra.py": "83.62", "mergan_jtr.py": "28.00"}[script]
+        assert paper in r.stdout
+
+
+def test_arch_and_defaults_follow_the_image_size():
+    a = mergan_ra.parse_args(["--dataset", "lsun"])
+    assert (a.arch, a.dim, a.iters, a.final_metrics, a.lambda_ra) == \
+        ("resnet", 64, 20001, True, 1e-3)
+    a = mergan_jtr.parse_args(["--dataset", "mnist"])
+    assert (a.arch, a.dim, a.iters, a.final_metrics) == ("dcgan", 32, 4001, False)
+    a = mergan_jtr.parse_args(["--dataset", "folder", "--no-final-metrics"])
+    assert (a.arch, a.dim, a.final_metrics) == ("resnet", 64, False)
+    a = mergan_jtr.parse_args(["--dataset", "folder", "--image-size", "32"])
+    assert a.arch == "dcgan"
