@@ -324,15 +324,22 @@ def load_lsun(root, train, size, per_class=LSUN_PER_CLASS):
     tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     xs, ys = [], []
     for label, path in enumerate(paths):
+        t0, n0 = time.time(), len(xs)
+        print(f"lsun: decoding {os.path.basename(path)}"
+              + (f" (first {per_class} images)" if train else "") + " ...", flush=True)
         db = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
         with db.begin(write=False) as txn:
             for i, (_, value) in enumerate(txn.cursor()):
                 if train and i >= per_class:
                     break
-                with Image.open(io.BytesIO(value)) as im:
-                    xs.append(tf(im.convert("RGB")))
+                try:
+                    with Image.open(io.BytesIO(value)) as im:
+                        xs.append(tf(im.convert("RGB")))
+                except (OSError, ValueError) as err:
+                    raise UserError(f"lsun: image {i} of {path} cannot be decoded ({err})")
                 ys.append(label)
         db.close()
+        print(f"lsun: {len(xs) - n0} images in {time.time() - t0:.0f}s", flush=True)
     x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.long)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     atomic_save({"x": x, "y": y}, cache)
