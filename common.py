@@ -861,10 +861,12 @@ def acc_summary(R):
 
 
 def reverse_accuracy(generate, classes, n, nz, test, n_classes, device, steps=1500, width=32,
-                     seed=0):
+                     seed=0, x=None):
     """Rev acc (MeRGAN Table 2): train a fresh classifier on n generated images per class
-    (labels = the conditioning classes), test it on the real test images of those classes."""
-    x = torch.cat([generate_class(generate, c, n, nz, device) for c in classes])
+    (labels = the conditioning classes), test it on the real test images of those classes.
+    x: those images (n per class, in the order of `classes`) if already generated."""
+    if x is None:
+        x = torch.cat([generate_class(generate, c, n, nz, device) for c in classes])
     y = torch.cat([torch.full((n,), c, dtype=torch.long, device=device) for c in classes])
     model = train_classifier(x, y, n_classes, device, steps=steps, width=width, seed=seed)
     tx, ty = test.subset(classes)
@@ -1127,11 +1129,11 @@ def final_metrics(args, env, generate, classes, nz):
     - fid_inception (--inception-fid): the same on torchvision's Inception-v3 features."""
     dev, n = env.device, args.eval_samples
     gen = torch.cat([generate_class(generate, c, n, nz, dev) for c in classes])
-    labels = torch.cat([torch.full((n,), c, dtype=torch.long, device=dev) for c in classes])
-    width, steps = classifier_budget(args.dataset, len(labels))
-    model = train_classifier(gen, labels, env.n_classes, dev, steps=steps, width=width)
-    tx, ty = env.test.subset(classes)
-    res = {"rev_acc": accuracy(model, tx, ty), "rev_acc_steps": steps,
+    width, steps = classifier_budget(args.dataset, len(gen))
+    tx, _ = env.test.subset(classes)
+    res = {"rev_acc": reverse_accuracy(generate, classes, n, nz, env.test, env.n_classes, dev,
+                                       steps=steps, width=width, x=gen),
+           "rev_acc_steps": steps,
            "fd_evaluator": frechet_distance(features(env.evaluator, gen),
                                             features(env.evaluator, tx))}
     if getattr(args, "inception_fid", False):
