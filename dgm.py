@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-d", action="store_true", help="keep D's conv layers from task to "
                    "task (its two heads are still reset); default: re-initialise D at every "
                    "task, as the authors do for digits")
+    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
     args = p.parse_args(argv)
     key = (BORROW.get(args.dataset, args.dataset), args.variant)
     cfg = dict(CONFIGS.get(key, CONFIGS[("mnist", args.variant)]))
@@ -437,8 +438,10 @@ def train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep, lam, 
             "cls_loss": cls_loss.detach()}
 
 
-def adam(module, lr):
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))  # authors
+def adam(module, lr, device=torch.device("cpu")):
+    """Adam, betas (0.5, 0.999) (authors); on CUDA with its step counter on the device
+    (C.adam), so that a CUDA graph can replay the update."""
+    return C.adam(module, lr, (0.5, 0.999), device)
 
 
 def task_iterations(args, env, t):
@@ -463,18 +466,29 @@ def train_task(t, G, D, env, args, generate, results):
         replay = build_replay(generate, prev, n, G.nz, dev)
     assert G.add_task() == t
     D.reset(keep_body=args.keep_d and t > 0)
-    opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)       # fresh optimisers every task
+    opt_G, opt_D = adam(G, args.lr, dev), adam(D, args.lr, dev)  # fresh every task
     lam = args.lambda_ru * sum(G.widths) / G.initial_channels  # lambda_RU x growth factor
     iters = task_iterations(args, env, t)
     progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
     G.train()
     D.train()
+    # The mask slopes s and s_ep live on the device (0-d tensors), refilled before every
+    # iteration, so that the same recorded iteration serves every s (CUDA graphs).
+    s_now, s_ep_now = torch.zeros((), device=dev), torch.zeros((), device=dev)
+
+    def iteration():
+        x, y = env.train.batch(args.batch_size, tasks[t])
+        return train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s_now,
+                          s_ep_now, lam, args)
+
+    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # otherwise `step()` is simply `iteration()`.
+    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, dev))
     for it in range(iters):
         s, s_ep = s_schedule(it, iters, args.epochs, args.s_max, args.variant)
-        x, y = env.train.batch(args.batch_size, tasks[t])
-        losses = train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep,
-                            lam, args)
-        progress.update(it, dict(losses, s=s))
+        s_now.fill_(s)
+        s_ep_now.fill_(s_ep)
+        progress.update(it, dict(step(), s=s))
     new = G.end_task(t, args.s_max)
     size = G.size()
     results["generator"].append(dict(size, task=t + 1, newly_reserved=new))

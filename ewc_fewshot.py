@@ -100,6 +100,7 @@ def parse_args(argv=None):
     s.add_argument("--lambda-cls", type=float, default=1.0, help="AC loss weight (paper: 1)")
     s.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight (10)")
     s.add_argument("--critic-iters", type=int, default=5, help="critic steps per G step (5)")
+    C.add_cuda_graph_arg(s)  # --cuda-graphs (default) / --no-cuda-graphs
     args = p.parse_args(argv)
 
     try:
@@ -662,12 +663,11 @@ def sequential_train_task(t, G, D, ewc, env, args):
     penalty (lambda/2) sum_i F_{t-1,i} (theta_i - theta_{t-1,i})^2 on the generator from the
     second task on; then F_t for the next task. Adam state is reset per task (MeRGAN)."""
     task, lam = env.tasks[t], args.lambdas[0]
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.9))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # MeRGAN
     fisher, anchor = ewc.get("F_"), ewc.get("theta_")   # F_{t-1}, theta_{t-1}
-    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     zero = torch.zeros((), device=env.device)
-    for it in range(args.iters):
+
+    def iteration():  # one generator iteration: critic_iters critic steps, one G step
         for _ in range(args.critic_iters):
             x, y = env.train.batch(args.batch_size, task)
             with torch.no_grad():
@@ -688,8 +688,15 @@ def sequential_train_task(t, G, D, ewc, env, args):
         (g_gan + args.lambda_cls * g_cls + pen).backward()
         opt_G.step()
         D.requires_grad_(True)
-        progress.update(it, {"d_loss": d_gan.detach(), "d_cls": d_cls.detach(),
-                             "g_loss": g_gan.detach(), "ewc_penalty": pen.detach()})
+        return {"d_loss": d_gan.detach(), "d_cls": d_cls.detach(), "g_loss": g_gan.detach(),
+                "ewc_penalty": pen.detach()}
+
+    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # otherwise `step()` is simply `iteration()`.
+    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, env.device))
+    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
+    for it in range(args.iters):
+        progress.update(it, step())
     # F_t and theta_t for the next task: every class seen so far, frozen D.
     seen = [c for tk in env.tasks[:t + 1] for c in tk]
     D.requires_grad_(False)

@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
     C.add_mergan_args(p)  # --arch, --dim, --final-metrics, --inception-fid
+    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
     args = p.parse_args(argv)
     C.resolve_mergan_defaults(args)  # --arch, --dim, --iters (4001 MNIST, 8001 SVHN, ...)
     return args
@@ -123,25 +124,28 @@ def generator_step(G, D, opt_G, y, args):
     return loss_gan.detach(), loss_cls.detach()
 
 
-def adam(module, lr):
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.0, 0.9))
-
-
 def train_task(t, G, D, env, args):
     """Train task t. Adam's state is re-initialised at every task, as the authors do."""
     task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
-    opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # paper
     # Eq. (10): the frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if args.mode == "jtr" and prev else None
     prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
-    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
-    for it in range(args.iters):
+
+    def iteration():  # one generator iteration: critic_iters critic steps, one G step
         for _ in range(args.critic_iters):
             x, y = training_batch(env.train, task, prev, prev_y, G_prev, args.mode,
                                   args.batch_size, G.nz)
             d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args)
         g_gan, g_cls = generator_step(G, D, opt_G, y, args)
-        progress.update(it, {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls})
+        return {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
+
+    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # otherwise `step()` is simply `iteration()`.
+    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, env.device))
+    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
+    for it in range(args.iters):
+        progress.update(it, step())
 
 
 # ------------------------------------------------------------------------------------------

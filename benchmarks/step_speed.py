@@ -93,7 +93,7 @@ def main():
             G, D = PlainGenerator().to(dev), PlainCritic().to(dev)
         else:
             G, D = C.Generator().to(dev), C.Critic().to(dev)
-        opt_G, opt_D = mergan_jtr.adam(G, 1e-4), mergan_jtr.adam(D, 1e-4)
+        opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9), dev) for m in (G, D))
         x = torch.rand(64, 1, 32, 32, device=dev) * 2 - 1
         y = torch.zeros(64, dtype=torch.long, device=dev)
         if name == "plain":

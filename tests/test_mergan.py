@@ -55,7 +55,7 @@ def test_frozen_generator_receives_no_gradient_and_stays_unchanged():
     before = {k: v.clone() for k, v in G_prev.state_dict().items()}
     G_before = G.fc.weight.detach().clone()
     args = mergan_ra.parse_args(["--dataset", "synth"])
-    opt_G = mergan_ra.adam(G, 1e-3)
+    opt_G = C.adam(G, 1e-3, (0.0, 0.9), torch.device("cpu"))
     y = torch.full((16,), 3)
     _, ra = mergan_ra.generator_step(G, G_prev, D, opt_G, y, [0, 1, 2], args)
     assert ra.item() > 0
@@ -72,8 +72,8 @@ def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
     G_prev = C.Generator(dim=8).requires_grad_(False)
     x, y = mergan_jtr.replay_batch(G_prev, [0, 1], 8, 128, torch.device("cpu"))
     args = mergan_jtr.parse_args(["--dataset", "synth"])
-    mergan_jtr.critic_step(G, D, mergan_jtr.adam(D, 1e-3), torch.cat([x, x]),
-                           torch.cat([y, y]), 8, args)
+    opt_D = C.adam(D, 1e-3, (0.0, 0.9), torch.device("cpu"))
+    mergan_jtr.critic_step(G, D, opt_D, torch.cat([x, x]), torch.cat([y, y]), 8, args)
     assert all(p.grad is None for p in G_prev.parameters())
     assert all(p.grad is None for p in G.parameters())  # fakes are made without a graph
 
