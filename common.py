@@ -659,9 +659,22 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.step()
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph):
+                    out = self.step()
+            except Exception as err:  # e.g. an operation that waits for the host
+                # Recording ran nothing: the weights are as before, the .grad tensors are
+                # replaced at the next zero_grad. Go on with the eager loop, say so once.
+                torch.cuda.set_stream(stream)
+                torch.cuda.synchronize()
+                why = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                print(f"warning: CUDA graph recording failed ({type(err).__name__}: {why}); "
+                      "continuing with the eager loop (--no-cuda-graphs)", file=sys.stderr,
+                      flush=True)
+                self.enabled = False
+                return self.step()
+            self.graph, self.out = graph, out
         self.graph.replay()
         return self.out
 

@@ -472,9 +472,10 @@ def train_task(t, G, D, env, args, generate, results):
     progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
     G.train()
     D.train()
-    # The mask slopes s and s_ep live on the device (0-d tensors), refilled before every
-    # iteration, so that the same recorded iteration serves every s (CUDA graphs).
-    s_now, s_ep_now = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    # The mask slopes s and s_ep live on the device, refilled before every iteration, so
+    # that one recorded iteration serves every s (CUDA graphs). float64, like the Python
+    # floats they replace: the arithmetic is the same to the last bit.
+    s_now, s_ep_now = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2))
 
     def iteration():
         x, y = env.train.batch(args.batch_size, tasks[t])

@@ -461,3 +461,65 @@ def test_common_cli_runs_offline(synth_eval, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "evaluator: loaded" in r.stdout and "evaluator real test accuracy" in r.stdout
     assert os.path.exists(tmp_path / "o" / "data-synth.png")
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def _fake_cuda(monkeypatch, state, fail):
+    """Stand-ins for torch.cuda's stream and graph calls that GraphedStep makes, so that its
+    bookkeeping can be checked without a GPU: `recording` is on inside the graph context
+    (the step then records instead of running), replay runs one iteration."""
+    import contextlib
+
+    class FakeGraph:
+        def replay(self):
+            state["done"] += 1
+
+    @contextlib.contextmanager
+    def graph(g, **kw):
+        state["recording"] = True
+        try:
+            yield
+        finally:
+            state["recording"] = False
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    for name, value in [("CUDAGraph", FakeGraph), ("graph", graph), ("Stream", _FakeStream),
+                        ("current_stream", lambda: _FakeStream()),
+                        ("stream", lambda s: contextlib.nullcontext()),
+                        ("set_stream", lambda s: None), ("synchronize", lambda: None)]:
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_graphed_step_runs_exactly_one_iteration_per_call(monkeypatch, capsys, fail):
+    state = {"done": 0, "recording": False, "recorded": 0}
+
+    def step():
+        if state["recording"]:
+            state["recorded"] += 1
+            return {"loss": "static"}
+        state["done"] += 1
+        return {"loss": state["done"]}
+
+    _fake_cuda(monkeypatch, state, fail)
+    graphed = C.GraphedStep(step, enabled=True, warmup=3)
+    outs = [graphed() for _ in range(10)]
+    assert state["done"] == 10 and state["recorded"] == 1  # recorded once, never run twice
+    assert outs[:3] == [{"loss": 1}, {"loss": 2}, {"loss": 3}]  # eager warm-up
+    if fail:  # recording failed: a warning, then the eager loop, no iteration lost
+        assert not graphed.enabled
+        assert "CUDA graph recording failed" in capsys.readouterr().err
+        assert outs[3:] == [{"loss": i} for i in range(4, 11)]
+    else:     # every later call replays the recorded iteration and returns its outputs
+        assert outs[3:] == [{"loss": "static"}] * 7
+
+
+def test_graphed_step_disabled_is_the_plain_loop():
+    calls = []
+    graphed = C.GraphedStep(lambda: calls.append(1) or {"n": len(calls)}, enabled=False)
+    assert [graphed()["n"] for _ in range(5)] == [1, 2, 3, 4, 5]
