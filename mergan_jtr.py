@@ -15,6 +15,7 @@ classifier and generator are trained on that extended set.
     python mergan_jtr.py --dataset lsun --data-root LSUN   # Table 2: 64x64 ResNet nets, 4 scenes
     python mergan_jtr.py --dataset synth --classes 0,1,2 --iters 300 --dim 16 --eval-samples 320
     python benchmarks/step_speed.py                       # seconds per training iteration
+    python benchmarks/table1.py --dataset mnist           # every Table 1 column + DGM at once
 """
 import argparse
 import copy

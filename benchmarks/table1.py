@@ -99,6 +99,8 @@ def parse_args(argv=None):
                           f"choose from {', '.join(COLUMNS)}")
     if args.out is None:
         args.out = os.path.join("runs", f"table1-{args.dataset}-s{args.seed}")
+    # absolute, so that the runs (started from any folder) and this process agree
+    args.out, args.data_root = os.path.abspath(args.out), os.path.abspath(args.data_root)
     return args
 
 
@@ -189,8 +191,8 @@ def run_all(args, jobs):
             log = open(os.path.join(args.out, f"{col}.log"), "a")
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
-            running[col] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             cwd=ROOT), log, time.time())
+            running[col] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                            log, time.time())
         time.sleep(0.5)
         for col, (proc, log, t0) in list(running.items()):
             if proc.poll() is None:
@@ -229,11 +231,12 @@ def draw_matrix(R, row_names, col_names, title, path, cell=44):
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default(size=13)
     small = ImageFont.load_default(size=11)
-    T, left, top = len(R), 70, 46
-    img = Image.new("RGB", (left + cell * len(col_names) + 10, top + cell * T + 26), "white")
+    T, left, top = len(R), 70, 60
+    width = max(left + cell * len(col_names) + 10, 12 + int(font.getlength(title)))
+    img = Image.new("RGB", (width, top + cell * T + 26), "white")
     d = ImageDraw.Draw(img)
     d.text((6, 4), title, fill="black", font=font)
-    d.text((left, top - 16), "task (classes)", fill="black", font=small)
+    d.text((left, 24), "task (classes)", fill="black", font=small)
     for j, name in enumerate(col_names):
         d.text((left + j * cell + cell // 2, top - 2), name, fill="black", font=small,
                anchor="mb")
@@ -272,8 +275,9 @@ def report(args, results, device_name):
              f"{any_m['args']['eval_samples']} generated images of every class seen; the "
              "mean of the per-task accuracies. A_t = DGM's metric: the accuracy of the DGM "
              "discriminator's classifier head on the real test images of the classes seen "
-             "(A5, A10 in the DGM paper). Paper values only where the protocol is the "
-             "papers' (mnist/svhn, classes 0..9, one per task, full budgets).",
+             "(A5, A10 in the DGM paper). Paper values inline only where the dataset and "
+             "the tasks are the paper's (mnist/svhn, classes 0..9, one per task); they "
+             "were obtained with the authors' budgets (4001/8001 iterations per task).",
              "",
              "| | " + " | ".join(COLUMNS[c][0] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -291,7 +295,9 @@ def report(args, results, device_name):
     lines.append("| forgetting (avg, points) | "
                  + " | ".join(fmt(results[c]["avg_forgetting"]) for c in cols) + " |")
     lines.append("| iterations per task | "
-                 + " | ".join(str(results[c]["args"].get("iters")) for c in cols) + " |")
+                 + " | ".join(str(results[c]["args"].get("iters")
+                                  or f"{results[c]['args'].get('epochs')} epochs")
+                              for c in cols) + " |")
     lines.append("| training + evaluation time (s) | "
                  + " | ".join(f"{results[c]['seconds']:.0f}" for c in cols) + " |")
     ref = [c for c in cols if c in PAPER["mnist"]]

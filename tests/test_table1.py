@@ -39,7 +39,8 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
         assert f"{m['avg_acc'][-1]:.2f}" in md
         img = imageio.imread(out / f"acc_matrix_{col}.png")
         assert img.ndim == 3 and img.shape[0] > 100
-    assert (out / "solver_matrix_dgmw.png").exists() and (out / "solver_matrix_dgma.png").exists()
+    assert (out / "solver_matrix_dgmw.png").exists()
+    assert (out / "solver_matrix_dgma.png").exists()
 
     # A second call finds every run finished: it starts no run and prints the same table.
     again = table(data_root, out)
