@@ -45,6 +45,11 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing data, corrupt file): printed as one line."""
 
 
+class Diverged(UserError):
+    """Training produced NaN/Inf: the run stops before anything of the task is evaluated or
+    saved, so the last checkpoint and metrics.json stay as they were."""
+
+
 def cli(main, argv=None):
     """Run `main(argv)`; a UserError ends in one line on stderr and exit status 2."""
     try:
@@ -921,7 +926,9 @@ def generated_accuracy(generate, evaluator, classes, n, nz, device, batch=64):
     with that label (single-class batches). Returns {class: accuracy}."""
     out = {}
     for c in classes:
-        pred = classify(evaluator, generate_class(generate, c, n, nz, device, batch))
+        x = generate_class(generate, c, n, nz, device, batch)
+        # an image with NaN/Inf pixels is never a digit (argmax of NaN logits would say 0)
+        pred = classify(evaluator, x).masked_fill(~torch.isfinite(x).flatten(1).all(1), -1)
         out[c] = 100.0 * (pred == c).float().mean().item()
     return out
 
@@ -1136,9 +1143,24 @@ class Progress:
         dt = time.time() - self.t0
         rate = done / max(dt, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
-        parts = "  ".join(f"{k} {float(v):+.4f}" for k, v in losses.items())
+        values = {k: float(v) for k, v in losses.items()}  # the one host sync
+        parts = "  ".join(f"{k} {v:+.4f}" for k, v in values.items())
         print(f"{self.prefix}it {done:>6}/{self.total}  {parts}  {rate:6.2f} it/s  "
               f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}", flush=True)
+        bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
+        if bad:  # checked where the values are read anyway: no extra sync in the loop
+            raise Diverged(f"{self.prefix}training diverged by iteration {done}: "
+                           f"{', '.join(bad)} (try a smaller --lr); nothing of this stage "
+                           "was evaluated or saved, earlier checkpoints are unchanged")
+
+
+def check_finite(module, where):
+    """Diverged if any parameter of `module` is NaN/Inf (one host sync; call it once per task,
+    before evaluating or saving)."""
+    params = [p.detach() for p in module.parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise Diverged(f"{where}: the weights hold NaN/Inf (try a smaller --lr); nothing of "
+                       "it was evaluated or saved, earlier checkpoints are unchanged")
 
 
 def setup(args, script):
@@ -1251,6 +1273,8 @@ def run_tasks(args, env, method, models, train_task, generate, nz=128, paper=Non
     for t in range(start, stop):
         t0 = time.time()
         train_task(t)
+        for name, module in models.items():  # never evaluate or save diverged weights
+            check_finite(module, f"[task {t + 1}/{len(tasks)}] {name}")
         seen = [c for task in tasks[:t + 1] for c in task]
         acc = generated_accuracy(generate, env.evaluator, seen, args.eval_samples, nz, dev)
         for c in seen:  # per-class history, None before the class is seen

@@ -157,7 +157,8 @@ def prepare_evaluator(args):
     text = open(log).read().strip().splitlines()
     if rc != 0:
         raise C.UserError(f"the evaluator could not be prepared: {text[-1] if text else rc}")
-    print(next((line for line in text if "evaluator" in line), text[-1]), flush=True)
+    print(next((line for line in reversed(text) if "real test accuracy" in line), text[-1]),
+          flush=True)
 
 
 def progress_of(args, col):

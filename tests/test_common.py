@@ -523,3 +523,36 @@ def test_graphed_step_disabled_is_the_plain_loop():
     calls = []
     graphed = C.GraphedStep(lambda: calls.append(1) or {"n": len(calls)}, enabled=False)
     assert [graphed()["n"] for _ in range(5)] == [1, 2, 3, 4, 5]
+
+
+def test_progress_stops_on_nan_where_it_reads_the_losses(capsys):
+    p = C.Progress(total=10, every=5, prefix="[task 2/3] ")
+    nan = torch.tensor(float("nan"))
+    p.update(2, {"d_loss": nan})  # iteration 3: no line, the value is not read (no sync)
+    with pytest.raises(C.Diverged, match=r"\[task 2/3\] training diverged by iteration 5: "
+                                         r"g_loss = inf"):
+        p.update(4, {"d_loss": torch.tensor(0.5), "g_loss": torch.tensor(float("inf"))})
+    assert "it      5/10" in capsys.readouterr().out  # the line is printed first
+
+
+def test_check_finite_names_the_module():
+    net = torch.nn.Linear(3, 2)
+    C.check_finite(net, "[task 1/2] G")
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    with pytest.raises(C.Diverged, match=r"\[task 1/2\] G: the weights hold NaN"):
+        C.check_finite(net, "[task 1/2] G")
+
+
+def test_nan_images_are_never_counted_as_a_class(synth_eval):
+    _, evaluator, _, train, _ = synth_eval
+    x0, _ = train.subset([0])
+
+    def nan_generator(z, y):  # the image of a diverged generator
+        return torch.full((len(y), 1, 32, 32), float("nan"))
+
+    acc = C.generated_accuracy(nan_generator, evaluator, [0, 1, 2], 20, 4,
+                               torch.device("cpu"))
+    assert acc == {0: 0.0, 1: 0.0, 2: 0.0}
+    half = lambda z, y: torch.cat([x0[:10], torch.full((10, 1, 32, 32), float("inf"))])
+    assert C.generated_accuracy(half, evaluator, [0], 20, 4, torch.device("cpu"))[0] <= 50.0

@@ -167,6 +167,36 @@ def test_user_mistakes_are_one_line_errors(data_root, tmp_path):
         assert msg in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_diverged_run_stops_in_one_line_and_writes_nothing(data_root, tmp_path):
+    """lr 1e6 turns every weight into NaN at once (seen at the first progress line, iteration
+    2); before the guard the run exited 0 and reported 100% for class 0 (the evaluator's
+    argmax of NaN logits)."""
+    r = subprocess.run([sys.executable, "mergan_jtr.py", *TINY, "--lr", "1e6", "--data-root",
+                        data_root, "--out", str(tmp_path / "x")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "[task 1/2] training diverged by iteration 2: d_loss = nan" in r.stderr
+    assert sorted(os.listdir(tmp_path / "x")) == ["args.json"]  # no metrics, no checkpoint
+
+
+def test_divergence_in_a_later_task_keeps_the_last_good_checkpoint(data_root, tmp_path,
+                                                                  monkeypatch):
+    args = [*TINY, "--data-root", data_root, "--out", str(tmp_path)]
+    mergan_ra.main(args + ["--max-tasks", "1"])
+    saved = {f: open(tmp_path / f, "rb").read() for f in ("checkpoint.pt", "metrics.json")}
+    original = mergan_ra.critic_step
+
+    def poisoned(G, D, *a):  # task 2's first critic step breaks the critic's weights
+        with torch.no_grad():
+            D.convs[0].weight.fill_(float("nan"))
+        return original(G, D, *a)
+
+    monkeypatch.setattr(mergan_ra, "critic_step", poisoned)
+    with pytest.raises(C.Diverged, match=r"\[task 2/2\] training diverged by iteration"):
+        mergan_ra.main(args + ["--resume"])
+    assert all(open(tmp_path / f, "rb").read() == b for f, b in saved.items())
+
+
 def test_sft_forgets_the_first_class_while_ra_and_jtr_keep_it(data_root, tmp_path):
     """The demo's budget (2 tasks: class 0 then 1; 200 iterations per task, width 16, lr
     1e-3, 320 samples per class): about 6 minutes on 2 CPU cores for the three runs.
