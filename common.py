@@ -643,7 +643,8 @@ class GraphedStep:
     replays it: one launch instead of a few hundred kernels. Either way each call is exactly
     one training iteration. Replays use the same parameters, optimiser state and dataset
     tensors, in place, and CUDA's random generator advances as it would in the eager loop,
-    so both loops compute the same numbers (tests/test_cuda.py compares them). The returned
+    so both loops compute the same numbers (tests/test_cuda.py compares them). If recording
+    fails, the run stops with one line that says to rerun with --no-cuda-graphs. The returned
     loss tensors are overwritten by the next replay: read them before the next call (the
     progress line does). Build a new GraphedStep whenever the Python side of the step
     changes (a new task, new optimisers, a new frozen generator)."""
@@ -664,21 +665,21 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
-            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+            graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
                     out = self.step()
             except Exception as err:  # e.g. an operation that waits for the host
-                # Recording ran nothing: the weights are as before, the .grad tensors are
-                # replaced at the next zero_grad. Go on with the eager loop, say so once.
-                torch.cuda.set_stream(stream)
-                torch.cuda.synchronize()
-                why = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                print(f"warning: CUDA graph recording failed ({type(err).__name__}: {why}); "
-                      "continuing with the eager loop (--no-cuda-graphs)", file=sys.stderr,
-                      flush=True)
-                self.enabled = False
-                return self.step()
+                # A failed recording can leave Python state half-way through the iteration
+                # (a critic still frozen) and, in older torch, the random generator in
+                # capture mode: stop cleanly rather than go on from an unknown state. The
+                # task's iterations so far are not saved; --resume restarts the task.
+                cause = err.__context__ or err
+                why = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                raise UserError(f"CUDA graph recording of the training iteration failed "
+                                f"({type(cause).__name__}: {why}); rerun with "
+                                "--no-cuda-graphs (with --resume to continue after the last "
+                                "finished task)") from err
             self.graph, self.out = graph, out
         self.graph.replay()
         return self.out
@@ -1155,10 +1156,12 @@ class Progress:
 
 
 def check_finite(module, where):
-    """Diverged if any parameter of `module` is NaN/Inf (one host sync; call it once per task,
-    before evaluating or saving)."""
-    params = [p.detach() for p in module.parameters()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+    """Diverged if any floating-point tensor of `module`'s state (parameters and buffers:
+    BN statistics, EWC's Fisher) is NaN/Inf (one host sync; call it once per task, before
+    evaluating or saving)."""
+    ts = [v for v in module.state_dict().values()
+          if torch.is_tensor(v) and v.is_floating_point()]
+    if ts and not bool(torch.stack([torch.isfinite(v).all() for v in ts]).all()):
         raise Diverged(f"{where}: the weights hold NaN/Inf (try a smaller --lr); nothing of "
                        "it was evaluated or saved, earlier checkpoints are unchanged")
 

@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=6400, help="generated images per "
                    "class for Acc (paper: 6400)")
     p.add_argument("--mergan-args", default="", help="extra flags for JT, SFT, EWC, JTR and "
-                   "RA, e.g. \"--dim 16 --lr 1e-3\"")
+                   "RA, ones all three scripts take, e.g. \"--dim 16 --lr 1e-3\"")
     p.add_argument("--ewc-args", default="", help="extra flags for the EWC run only, e.g. "
                    "\"--fisher-samples 200\"")
     p.add_argument("--dgm-args", default="", help="extra flags for DGM-w and DGM-a")
@@ -144,6 +144,29 @@ def state(folder):
     return "new"
 
 
+# The settings that define the experiment: a table folder is only ever continued with these
+# unchanged (--columns, --jobs, --device and --status-every may change between calls).
+EXPERIMENT = ("dataset", "data_root", "seed", "classes", "iters", "dgm_iters", "eval_samples",
+              "mergan_args", "ewc_args", "dgm_args")
+
+
+def check_settings(args):
+    """Write <out>/table1-args.json on the first call; later calls must match it, so that a
+    finished run of another budget is never reported as this table's."""
+    path = os.path.join(args.out, "table1-args.json")
+    mine = {k: getattr(args, k) for k in EXPERIMENT}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [f"{k} {old.get(k)!r} -> {mine[k]!r}" for k in EXPERIMENT
+                   if old.get(k) != mine[k]]
+        if changed:
+            raise C.UserError(f"{args.out} holds a table made with other settings "
+                              f"({'; '.join(changed)}); choose another --out")
+    else:
+        C.save_json(path, mine)
+
+
 def prepare_evaluator(args):
     """Train (or load) the dataset's evaluator once, before the runs start, so that parallel
     runs all load the same cached model instead of training it side by side."""
@@ -185,6 +208,23 @@ def run_all(args, jobs):
         if st != "done":
             todo.append((col, st == "resume"))
     running, status, t_print = {}, {}, time.time()
+    try:
+        loop(args, jobs, todo, running, status, t_print)
+    finally:  # this process stopped early (Ctrl-C, an error): stop its runs too
+        for col, (proc, log, _) in running.items():
+            if proc.poll() is None:
+                proc.terminate()
+        for col, (proc, log, _) in running.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    return status
+
+
+def loop(args, jobs, todo, running, status, t_print):
+    """Start runs while fewer than `jobs` go, collect the finished ones, print status."""
     while todo or running:
         while todo and len(running) < jobs:
             col, resume = todo.pop(0)
@@ -211,7 +251,6 @@ def run_all(args, jobs):
         if running and time.time() - t_print >= args.status_every:
             t_print = time.time()
             print("[table1] " + " | ".join(progress_of(args, c) for c in running), flush=True)
-    return status
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,6 +388,7 @@ def main(argv=None):
     device_name = (f"cuda ({__import__('torch').cuda.get_device_name(0)})"
                    if device.type == "cuda" else "cpu")
     os.makedirs(args.out, exist_ok=True)
+    check_settings(args)
     print(f"table1: {len(args.columns)} runs in {args.out}, {jobs} at a time on {device_name}",
           flush=True)
     t0 = time.time()
@@ -358,6 +398,10 @@ def main(argv=None):
     results = {c: m for c, m in results.items()
                if m and state(os.path.join(args.out, c)) == "done"}
     failed = [c for c, rc in status.items() if rc != 0]
+    unfinished = [c for c in args.columns if c not in results and c not in failed]
+    if unfinished:
+        print(f"table1: not finished, left out of the table: {', '.join(unfinished)} "
+              "(the same command continues them)", flush=True)
     if results:
         md = report(args, results, device_name)
         print("\n" + md, flush=True)

@@ -64,6 +64,11 @@ def test_table_resumes_an_interrupted_run(data_root, tmp_path):
     assert "sft   SFT" in res.stdout and "resume" in res.stdout
     assert "resuming after task 1/2" in (out / "sft.log").read_text()
     assert json.load(open(out / "sft" / "metrics.json"))["tasks_done"] == 2
+    # the folder now holds a table of this budget: another budget is refused, in one line,
+    # instead of reporting the finished 2-iteration runs as the new table
+    other = table(data_root, out, "--columns", "sft", "--eval-samples", "20")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "holds a table made with other settings (eval_samples 10 -> 20)" in other.stderr
 
 
 def test_table_user_errors_are_one_line(tmp_path):
