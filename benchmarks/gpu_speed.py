@@ -45,12 +45,17 @@ def fake_env(device, n_per_class=640, seed=0):
                               device=device, n_classes=10)
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn, device):
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    sync(device)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the progress line
         fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -96,6 +101,10 @@ def dgm_task(variant, t, iters, graphs, env):
     return run
 
 
+HEADER = ["step", "task", "eager ms/it", "graph ms/it", "speed-up", "eager s/task fixed",
+          "graph s/task fixed"]
+
+
 def measure(make, name, t, n1, n, graphs, env):
     short = timed(make(name, t, n1, graphs, env), env.device)
     long = timed(make(name, t, n1 + n, graphs, env), env.device)
@@ -136,12 +145,9 @@ def main(argv=None):
             rows.append([what, t + 1, 1e3 * eager[0], 1e3 * graph[0] if graph else None,
                          eager[0] / graph[0] if graph else None, eager[1],
                          graph[1] if graph else None])
-            print(C.fmt_table(["step", "task", "eager ms/it", "graph ms/it", "speed-up",
-                               "eager s/task fixed", "graph s/task fixed"], rows[-1:])
-                  .splitlines()[-1], flush=True)
+            print(C.fmt_table(HEADER, rows[-1:]).splitlines()[-1], flush=True)
     print()
-    print(C.fmt_table(["step", "task", "eager ms/it", "graph ms/it", "speed-up",
-                       "eager s/task fixed", "graph s/task fixed"], rows))
+    print(C.fmt_table(HEADER, rows))
     if args.schedule_dataset:
         out = os.path.join("runs", f"gpu-speed-schedule-{int(time.time())}")
         cmd = [sys.executable, os.path.join(ROOT, "mergan_ra.py"), "--dataset",

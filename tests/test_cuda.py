@@ -70,7 +70,8 @@ def test_cuda_graph_loop_gives_the_eager_loops_numbers(script, extra, data_root,
     """Same seed, same data: 3 tasks of 12 iterations (3 eager warm-up iterations, then 9
     replays of the recorded iteration per task) with and without CUDA graphs. The weights
     must agree to float32 rounding; the graph changes launches, not arithmetic."""
-    args = TINY[:-4] + ["--iters", "12", "--eval-samples", "20", "--device", "cuda"] + extra
+    args = ["--dataset", "synth", "--classes", "0,1,2", "--iters", "12", "--eval-samples",
+            "20", "--device", "cuda", *extra]
     ckpts = {}
     for mode in ("--cuda-graphs", "--no-cuda-graphs"):
         run(script, args + [mode], data_root, tmp_path / mode)
