@@ -449,7 +449,7 @@ class TaskData:
 
 
 # ------------------------------------------------------------------------------------------
-# 4. The MeRGAN digit networks (REFERENCE.md section 1) and WGAN-GP
+# 4. The MeRGAN digit networks (docs/core.md, "Networks") and WGAN-GP
 # ------------------------------------------------------------------------------------------
 def conv5_s2(x, weight, bias=None):
     """F.conv2d(x, weight, bias, stride=2, padding=2) for a 5x5 kernel, computed as a 3x3
@@ -507,15 +507,18 @@ class CondBatchNorm2d(nn.Module):
 
 
 class Generator(nn.Module):
-    """MeRGAN's digit generator (DCGAN with conditional BN), REFERENCE.md section 1.
+    """MeRGAN's digit generator (DCGAN with conditional BN), docs/core.md "Networks".
 
     z (nz=128) -> Linear -> 4x4 x 4dim -> cBN, ReLU -> [ConvT 5x5 s2, cBN, ReLU] ... ->
     ConvT 5x5 s2 -> tanh. dim=32 at 32x32 gives 128 -> 64 -> 32 -> channels, the authors'
     net. image_size 64 adds one up-sampling block. n_classes=None: unconditional.
+    fast=False (--plain-step): the last layer is nn.ConvTranspose2d itself; fast=True
+    computes the same sums through `conv_transpose5_s2` (a speed branch, tested equal).
     """
 
-    def __init__(self, channels=1, n_classes=10, dim=32, nz=128, image_size=32):
+    def __init__(self, channels=1, n_classes=10, dim=32, nz=128, image_size=32, fast=True):
         super().__init__()
+        self.fast = fast
         n_up = int(math.log2(image_size // 4))
         if 4 * 2 ** n_up != image_size:
             raise UserError(f"image size {image_size} must be 4 x a power of two (32, 64)")
@@ -530,10 +533,12 @@ class Generator(nn.Module):
 
     def forward(self, z, y=None):
         h = self.fc(z).view(len(z), self.top, 4, 4)
-        for bn, up in zip(self.bns[:-1], self.ups[:-1]):
-            h = up(F.relu(bn(h, y)))
-        last = self.ups[-1]  # = last(...): few output channels, so the faster route
-        h = conv_transpose5_s2(F.relu(self.bns[-1](h, y)), last.weight, last.bias)
+        for bn, up in zip(self.bns, self.ups):
+            h = F.relu(bn(h, y))
+            if self.fast and up is self.ups[-1]:  # SPEED BRANCH: the same sums as up(h),
+                h = conv_transpose5_s2(h, up.weight, up.bias)  # faster for 1-3 channels
+            else:
+                h = up(h)                          # plain: ConvTranspose2d 5x5, stride 2
         return torch.tanh(h)
 
 
@@ -541,10 +546,14 @@ class Critic(nn.Module):
     """MeRGAN's digit critic: 5x5 s2 convs (dim, 2dim, 4dim), LeakyReLU 0.2, no
     normalisation (WGAN-GP), two linear heads on the shared features: the critic D (one
     score) and the auxiliary classifier C (n_classes logits; None: no classifier head).
-    forward returns (score N, logits N x n_classes or None)."""
+    forward returns (score N, logits N x n_classes or None). fast=False (--plain-step): the
+    first layer is nn.Conv2d itself and the gradient penalty uses autograd; fast=True
+    computes the same through `conv5_s2` and `input_gradient` (speed branches, tested equal).
+    """
 
-    def __init__(self, channels=1, n_classes=10, dim=32, image_size=32):
+    def __init__(self, channels=1, n_classes=10, dim=32, image_size=32, fast=True):
         super().__init__()
+        self.fast = fast
         n_down = int(math.log2(image_size // 4))
         widths = [channels] + [dim * 2 ** i for i in range(n_down)]
         self.convs = nn.ModuleList([nn.Conv2d(widths[i], widths[i + 1], 5, 2, 2)
@@ -554,10 +563,13 @@ class Critic(nn.Module):
         self.classifier = nn.Linear(feat, n_classes) if n_classes else None
 
     def forward(self, x):
-        first = self.convs[0]  # = first(x): few input channels, so the faster route
-        h = F.leaky_relu(conv5_s2(x, first.weight, first.bias), 0.2)
-        for conv in self.convs[1:]:
-            h = F.leaky_relu(conv(h), 0.2)
+        h = x
+        for conv in self.convs:
+            if self.fast and conv is self.convs[0]:  # SPEED BRANCH: the same sums as
+                h = conv5_s2(h, conv.weight, conv.bias)  # conv(h), faster for 1-3 channels
+            else:
+                h = conv(h)                           # plain: Conv2d 5x5, stride 2
+            h = F.leaky_relu(h, 0.2)
         h = h.flatten(1)
         logits = self.classifier(h) if self.classifier is not None else None
         return self.critic(h).squeeze(1), logits
@@ -592,16 +604,17 @@ class Critic(nn.Module):
 def gradient_penalty(critic_fn, real, fake, input_gradient=None):
     """WGAN-GP (Gulrajani et al. 2017; MeRGAN Eq. 5, last term, without lambda):
     E[(||grad_x D(x_hat)||_2 - 1)^2], x_hat = eps*real + (1-eps)*fake, eps ~ U(0,1) per sample.
-    `critic_fn(x)` must return one score per sample. `input_gradient(x)`, if given, returns
-    grad_x D(x) with a graph through D's weights (e.g. `Critic.input_gradient`); otherwise
-    autograd computes it (a double backward, which works for any critic)."""
+    `critic_fn(x)` must return one score per sample; autograd takes its input gradient (a
+    double backward, the textbook form, for any critic). `input_gradient(x)`, if given
+    (the digit critic's `Critic.input_gradient`, a speed branch), returns the same
+    grad_x D(x) with a graph through D's weights, written out."""
     eps = torch.rand(len(real), *([1] * (real.dim() - 1)), device=real.device)
     x_hat = eps * real.detach() + (1 - eps) * fake.detach()
-    if input_gradient is not None:
-        grad = input_gradient(x_hat)
-    else:
+    if input_gradient is None:  # plain: autograd
         x_hat.requires_grad_(True)
         (grad,) = torch.autograd.grad(critic_fn(x_hat).sum(), x_hat, create_graph=True)
+    else:                       # SPEED BRANCH: the same gradient, written out
+        grad = input_gradient(x_hat)
     norm = grad.flatten(1).square().sum(1).add(1e-12).sqrt()
     return (norm - 1).square().mean()
 
@@ -782,14 +795,15 @@ class ResNetCritic(nn.Module):
         return self.critic(h).squeeze(1), logits
 
 
-def mergan_networks(arch, channels, n_classes, dim, image_size, critic_classes):
+def mergan_networks(arch, channels, n_classes, dim, image_size, critic_classes, fast=True):
     """MeRGAN's generator and critic: arch 'dcgan' (the digit nets, Table 1) or 'resnet'
-    (the LSUN nets, Table 2). critic_classes: size of the classifier head (None: none)."""
+    (the LSUN nets, Table 2). critic_classes: size of the classifier head (None: none).
+    fast=False (--plain-step): the digit nets without their speed branches."""
     if arch == "resnet":
         return (ResNetGenerator(channels, n_classes, dim, image_size=image_size),
                 ResNetCritic(channels, critic_classes, dim, image_size=image_size))
-    return (Generator(channels, n_classes, dim, image_size=image_size),
-            Critic(channels, critic_classes, dim, image_size=image_size))
+    return (Generator(channels, n_classes, dim, image_size=image_size, fast=fast),
+            Critic(channels, critic_classes, dim, image_size=image_size, fast=fast))
 
 
 @torch.no_grad()
@@ -937,7 +951,7 @@ def generated_accuracy(generate, evaluator, classes, n, nz, device, batch=64):
 def acc_summary(R):
     """Summaries of an accuracy matrix R[t][i] (%, None where task i is not yet seen):
     avg_acc[t] = mean_{i<=t} R[t][i]; forgetting_i = max_{t'<T} R[t'][i] - R[T][i]
-    (i < T, T = last task); BWT = mean_{i<T} (R[T][i] - R[i][i]). REFERENCE.md section 4."""
+    (i < T, T = last task); BWT = mean_{i<T} (R[T][i] - R[i][i]). docs/core.md, "Metrics"."""
     T = len(R) - 1
     avg = [float(np.mean(row[:t + 1])) for t, row in enumerate(R)]
     forgetting = [max(R[t][i] for t in range(i, T)) - R[T][i] for i in range(T)]
@@ -1188,48 +1202,14 @@ def setup(args, script):
                               image_size=x.shape[-1])
 
 
-def add_mergan_args(parser):
-    """The MeRGAN scripts' network flags and the end-of-run metrics of Table 2 (see
-    `resolve_mergan_defaults` and `final_metrics`)."""
-    g = parser.add_argument_group("MeRGAN networks and end-of-run metrics (Table 2)")
-    g.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
-                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
-                        "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    g.add_argument("--dim", type=int, default=None, help="width of generator and critic "
-                   "(paper: 32 for dcgan, 64 for resnet)")
-    g.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
-                   help="after the last task also report Rev acc and the Frechet distance "
-                        "of generated to real test images (default: on for lsun)")
-    g.add_argument("--inception-fid", action="store_true",
-                   help="with --final-metrics, also Inception FID (needs torchvision's "
-                        "Inception-v3 weights, downloaded once)")
-    return g
-
-
-def resolve_mergan_defaults(args):
-    """Defaults of the MeRGAN scripts that depend on the dataset: the networks (--arch auto:
-    the 64x64 ResNet for 64x64 images, the digit DCGAN otherwise), their width, iterations
-    per task (the authors' train.sh and code: MNIST 4001, SVHN 8001, LSUN 20001) and the
-    Table 2 metrics (on for lsun)."""
-    size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
-    if args.arch == "auto":
-        args.arch = "resnet" if size == 64 else "dcgan"
-    if args.dim is None:
-        args.dim = 64 if args.arch == "resnet" else 32
-    if args.iters is None:
-        args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
-    if args.final_metrics is None:
-        args.final_metrics = args.dataset == "lsun"
-
-
-def final_metrics(args, env, generate, classes, nz):
-    """MeRGAN Table 2's Rev acc and FID rows, over every class seen, with --eval-samples
-    generated images per class:
+def generated_set_metrics(args, env, generate, classes, nz):
+    """Metrics of a whole generated set, over every class in `classes`, with --eval-samples
+    generated images per class (MeRGAN's Table 2 rows besides Acc):
     - rev_acc: a fresh classifier trained on the generated images (labels = the
       conditioning classes), tested on the real test images of those classes (%);
     - fd_evaluator: Frechet distance between evaluator features of generated and real test
       images (offline; the evaluator's feature layer stands in for Inception);
-    - fid_inception (--inception-fid): the same on torchvision's Inception-v3 features."""
+    - fid_inception (args.inception_fid): the same on torchvision's Inception-v3 features."""
     dev, n = env.device, args.eval_samples
     gen = torch.cat([generate_class(generate, c, n, nz, dev) for c in classes])
     width, steps = classifier_budget(args.dataset, len(gen))
@@ -1246,92 +1226,133 @@ def final_metrics(args, env, generate, classes, nz):
     return res
 
 
-def run_tasks(args, env, method, models, train_task, generate, nz=128, paper=None,
-              extra=None, paper_final=None):
-    """The task loop every sequential script shares.
+class TaskRun:
+    """The bookkeeping around a sequential script's task loop; the loop itself, and what is
+    trained in it, stays in the script:
 
-    For each task t: `train_task(t)` (the method's own algorithm), then the generated-sample
-    accuracy of every class seen so far (row t of R), a sample grid, and a checkpoint of
-    `models` (a dict of nn.Modules) with every RNG state. With --resume it starts after the
-    last checkpointed task. At the end: the GIF, metrics.json and a table (with the paper's
-    average accuracy beside ours where `paper` = {task count: value} applies).
-    `extra`: a dict of plain data the method fills in (e.g. its own metrics); it is saved in
-    every checkpoint, restored on --resume and written into metrics.json as extra fields.
-    With args.final_metrics: Rev acc and Frechet distance after the last task
-    (`final_metrics`), printed beside `paper_final` = {"acc", "rev_acc", "fid"} if given."""
-    tasks, dev = env.tasks, env.device
-    R, class_acc, seconds, start = [], {}, 0.0, 0
-    extra = {} if extra is None else extra
-    if env.ckpt is not None:
-        for name, module in models.items():
-            module.load_state_dict(env.ckpt["models"][name])
-        extra.update(env.ckpt.get("extra", {}))
-        R, class_acc, seconds = env.ckpt["R"], env.ckpt["class_acc"], env.ckpt["seconds"]
-        start = env.ckpt["task"] + 1
-        set_rng_state(env.ckpt["rng"])
-        print(f"resuming after task {start}/{len(tasks)} from {env.out}", flush=True)
-    all_classes = [c for task in tasks for c in task]
-    z_grid = torch.randn(10, nz, generator=torch.Generator().manual_seed(1234)).to(dev)
-    stop = len(tasks) if args.max_tasks is None else min(len(tasks), start + args.max_tasks)
-    for t in range(start, stop):
-        t0 = time.time()
-        train_task(t)
-        for name, module in models.items():  # never evaluate or save diverged weights
+        run = C.TaskRun(args, env, "mergan-ra", {"G": G, "D": D}, generate=G)
+        for t in run.remaining_tasks():  # 0..T-1, or after the last checkpoint (--resume)
+            train_task(t, ...)           # the method
+            run.end_task(t)              # Acc of every class seen so far, grid, checkpoint
+        metrics = run.finish(paper)      # GIF, metrics.json, the table (None: --max-tasks)
+
+    `models`: a dict of nn.Modules, saved in every checkpoint with every RNG state and
+    restored here on --resume. `extra`: a dict of plain data the method fills in (e.g. its
+    own metrics); it is checkpointed, restored on --resume and written into metrics.json."""
+
+    def __init__(self, args, env, method, models, generate, nz=128, extra=None):
+        self.args, self.env, self.method, self.models = args, env, method, models
+        self.generate, self.nz = generate, nz
+        self.extra = {} if extra is None else extra
+        self.R, self.class_acc, self.seconds, self.start = [], {}, 0.0, 0
+        self.metrics = None
+        if env.ckpt is not None:
+            for name, module in models.items():
+                module.load_state_dict(env.ckpt["models"][name])
+            self.extra.update(env.ckpt.get("extra", {}))
+            self.R, self.class_acc = env.ckpt["R"], env.ckpt["class_acc"]
+            self.seconds, self.start = env.ckpt["seconds"], env.ckpt["task"] + 1
+            set_rng_state(env.ckpt["rng"])
+            print(f"resuming after task {self.start}/{len(env.tasks)} from {env.out}",
+                  flush=True)
+        self.all_classes = [c for task in env.tasks for c in task]
+        self.z_grid = torch.randn(10, nz, generator=torch.Generator().manual_seed(1234))
+        self.z_grid = self.z_grid.to(env.device)
+        T = len(env.tasks)
+        self.stop = T if args.max_tasks is None else min(T, self.start + args.max_tasks)
+
+    def remaining_tasks(self):
+        """The tasks this call trains: from the first unfinished one to the last (or
+        --max-tasks of them)."""
+        for t in range(self.start, self.stop):
+            self.t0 = time.time()
+            yield t
+
+    def end_task(self, t):
+        """After task t: refuse NaN/Inf weights; the generated-sample accuracy of every class
+        seen so far (row t of the accuracy matrix R); the sample grid; metrics.json; the
+        checkpoint."""
+        tasks, dev, args = self.env.tasks, self.env.device, self.args
+        for name, module in self.models.items():  # never evaluate or save diverged weights
             check_finite(module, f"[task {t + 1}/{len(tasks)}] {name}")
         seen = [c for task in tasks[:t + 1] for c in task]
-        acc = generated_accuracy(generate, env.evaluator, seen, args.eval_samples, nz, dev)
+        acc = generated_accuracy(self.generate, self.env.evaluator, seen, args.eval_samples,
+                                 self.nz, dev)
         for c in seen:  # per-class history, None before the class is seen
-            class_acc.setdefault(str(c), [None] * t).append(acc[c])
-        R.append([float(np.mean([acc[c] for c in task])) for task in tasks[:t + 1]]
-                 + [None] * (len(tasks) - t - 1))
-        class_grid(generate, all_classes, seen, z_grid,
-                   os.path.join(env.out, f"samples_task{t + 1}.png"))
-        seconds += time.time() - t0
+            self.class_acc.setdefault(str(c), [None] * t).append(acc[c])
+        self.R.append([float(np.mean([acc[c] for c in task])) for task in tasks[:t + 1]]
+                      + [None] * (len(tasks) - t - 1))
+        class_grid(self.generate, self.all_classes, seen, self.z_grid,
+                   os.path.join(self.env.out, f"samples_task{t + 1}.png"))
+        self.seconds += time.time() - self.t0
         print(f"[task {t + 1}/{len(tasks)}] Acc per task: "
-              + " ".join(f"{v:.1f}" for v in R[t][:t + 1])
-              + f"  avg {np.mean(R[t][:t + 1]):.2f}%  ({time.time() - t0:.0f}s)", flush=True)
-        metrics = write_metrics(env.out, method, args, tasks, R, env.evaluator_acc, dev,
-                                seconds, class_acc=class_acc, tasks_done=t + 1, **extra)
-        save_checkpoint(env.out, {"task": t, "models": {k: m.state_dict()
-                                                        for k, m in models.items()},
-                                  "R": R, "class_acc": class_acc, "seconds": seconds,
-                                  "extra": extra, "args": vars(args)})
-    if stop < len(tasks):
-        print(f"stopped after task {stop}/{len(tasks)} (--max-tasks); continue with "
-              f"--resume --out {env.out}", flush=True)
-        return None
-    frames = [imageio.imread(os.path.join(env.out, f"samples_task{t + 1}.png"))
-              for t in range(len(tasks))]
-    save_gif(frames, os.path.join(env.out, "samples.gif"))
-    header = ["after task"] + [",".join(map(str, task)) for task in tasks] + ["avg"]
-    rows = [[t + 1] + R[t] + [metrics["avg_acc"][t]] for t in range(len(tasks))]
-    if paper:
-        header.append("paper avg")
-        for t, row in enumerate(rows):
-            row.append(paper.get(t + 1))
-    print(f"\n{method} on {args.dataset}: generated-sample accuracy (%) by the evaluator "
-          f"(real test accuracy {env.evaluator_acc:.2f}%), {args.eval_samples} samples/class")
-    print(fmt_table(header, rows))
-    if getattr(args, "final_metrics", False):
-        t0 = time.time()
-        final = final_metrics(args, env, generate, all_classes, nz)
-        seconds += time.time() - t0
-        metrics = write_metrics(env.out, method, args, tasks, R, env.evaluator_acc, dev,
-                                seconds, class_acc=class_acc, tasks_done=len(tasks),
-                                **extra, **final)
-        paper_final = paper_final or {}
-        rows = [["Acc (%)", metrics["avg_acc"][-1], paper_final.get("acc")],
-                ["Rev acc (%)", final["rev_acc"], paper_final.get("rev_acc")],
+              + " ".join(f"{v:.1f}" for v in self.R[t][:t + 1])
+              + f"  avg {np.mean(self.R[t][:t + 1]):.2f}%  ({time.time() - self.t0:.0f}s)",
+              flush=True)
+        self.write_metrics(tasks_done=t + 1)
+        save_checkpoint(self.env.out, {
+            "task": t, "models": {k: m.state_dict() for k, m in self.models.items()},
+            "R": self.R, "class_acc": self.class_acc, "seconds": self.seconds,
+            "extra": self.extra, "args": vars(args)})
+
+    def write_metrics(self, seconds=0.0, **fields):
+        """(Re)write metrics.json; `seconds` is added to the run's time, `fields` (e.g.
+        end-of-run metrics) to the file. Returns the dictionary."""
+        self.seconds += seconds
+        self.extra_fields = {**getattr(self, "extra_fields", {}), **fields}
+        self.metrics = write_metrics(self.env.out, self.method, self.args, self.env.tasks,
+                                     self.R, self.env.evaluator_acc, self.env.device,
+                                     self.seconds, class_acc=self.class_acc,
+                                     **self.extra, **self.extra_fields)
+        return self.metrics
+
+    def finish(self, paper=None):
+        """After the loop: the GIF across tasks and the accuracy table (with the paper's
+        average accuracy beside ours where `paper` = {task count: value} is given).
+        Returns metrics.json's dictionary, or None if --max-tasks stopped the run early."""
+        tasks, args, out = self.env.tasks, self.args, self.env.out
+        if self.stop < len(tasks):
+            print(f"stopped after task {self.stop}/{len(tasks)} (--max-tasks); continue with "
+                  f"--resume --out {out}", flush=True)
+            return None
+        if self.metrics is None:  # resumed after the last task: nothing was trained
+            self.write_metrics(tasks_done=len(tasks))
+        frames = [imageio.imread(os.path.join(out, f"samples_task{t + 1}.png"))
+                  for t in range(len(tasks))]
+        save_gif(frames, os.path.join(out, "samples.gif"))
+        header = ["after task"] + [",".join(map(str, task)) for task in tasks] + ["avg"]
+        rows = [[t + 1] + self.R[t] + [self.metrics["avg_acc"][t]] for t in range(len(tasks))]
+        if paper:
+            header.append("paper avg")
+            for t, row in enumerate(rows):
+                row.append(paper.get(t + 1))
+        print(f"\n{self.method} on {args.dataset}: generated-sample accuracy (%) by the "
+              f"evaluator (real test accuracy {self.env.evaluator_acc:.2f}%), "
+              f"{args.eval_samples} samples/class")
+        print(fmt_table(header, rows))
+        m = self.metrics
+        print(f"forgetting (avg) {m['avg_forgetting']:.2f}  BWT {m['bwt']:.2f}  "
+              f"training+eval time {self.seconds:.0f}s  -> {out}/metrics.json", flush=True)
+        return m
+
+    def generated_set_report(self, paper=None):
+        """After the last task: `generated_set_metrics` over every class (MeRGAN's Table 2
+        rows: Rev acc, Frechet distances), added to metrics.json and printed beside `paper`
+        = {"acc", "rev_acc", "fid"} if given. Returns metrics.json's dictionary."""
+        t0, env = time.time(), self.env
+        final = generated_set_metrics(self.args, env, self.generate, self.all_classes, self.nz)
+        metrics = self.write_metrics(seconds=time.time() - t0, **final)
+        paper = paper or {}
+        rows = [["Acc (%)", metrics["avg_acc"][-1], paper.get("acc")],
+                ["Rev acc (%)", final["rev_acc"], paper.get("rev_acc")],
                 ["FD, evaluator features", final["fd_evaluator"], None]]
         if "fid_inception" in final:
             rows.append(["FID, Inception (torchvision)", final["fid_inception"], None])
-        rows.append(["FID (paper, TF Inception)", None, paper_final.get("fid")])
-        print(f"\nafter task {len(tasks)}, all {len(all_classes)} classes "
-              f"({args.eval_samples} generated images per class):")
+        rows.append(["FID (paper, TF Inception)", None, paper.get("fid")])
+        print(f"\nafter task {len(env.tasks)}, all {len(self.all_classes)} classes "
+              f"({self.args.eval_samples} generated images per class):")
         print(fmt_table(["metric", "ours", "paper"], rows))
-    print(f"forgetting (avg) {metrics['avg_forgetting']:.2f}  BWT {metrics['bwt']:.2f}  "
-          f"training+eval time {seconds:.0f}s  -> {env.out}/metrics.json", flush=True)
-    return metrics
+        return metrics
 
 
 def fmt_table(header, rows):

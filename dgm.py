@@ -23,6 +23,7 @@ accuracy on the real test set of all classes seen so far is DGM's metric A_t.
 """
 import argparse
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 import common as C
 
-# The authors' cfg/*.yml (REFERENCE.md section 2). Rows without an authors' config are our
+# The authors' cfg/*.yml (docs/dgm.md, "Hyperparameters"). Rows without an authors' config are our
 # choices, marked "ours"; docs/dgm.md says why.
 CONFIGS = {
     ("mnist", "w"): dict(epochs=101, lr=2e-3, s_max=1e4, lambda_ru=0.08, lambda_gp=1.0,
@@ -119,7 +120,7 @@ def dcgan_init(m):
 
 
 class DGMGenerator(nn.Module):
-    """The authors' digit generator with HAT masks (REFERENCE.md section 2).
+    """The authors' digit generator with HAT masks (docs/dgm.md).
 
     Masked, shared layers: ConvT 4x4 (nz -> 4ngf, 1x1 -> 4x4), ConvT 4x4 s2 (-> 2ngf, 8x8),
     ConvT 4x4 s2 (-> ngf, 16x16), no biases; each followed by a per-task BatchNorm and ReLU.
@@ -389,16 +390,28 @@ def build_replay(generate, prev_classes, n_per_class, nz, device):
     return C.TaskData(torch.cat(xs), torch.cat(ys), device), list(prev_classes)
 
 
-def train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep, lam, args,
-               masked=True):
-    """One DGM iteration (authors' order): classifier steps on real + replayed images, one
-    WGAN-GP critic step, one generator step. `replay`: None or (TaskData, earlier classes).
-    Returns the losses, detached (no host synchronisation here)."""
+@dataclass
+class TaskSetup:
+    """What one DGM iteration needs to know about the task t being learned."""
+    t: int                # the task's index
+    seen: torch.Tensor    # class ids seen so far, in the order of the classifier's rows
+    lookup: torch.Tensor  # class id -> row of the classifier head (-1: not seen)
+    replay: object        # None, or (TaskData of replayed images, the earlier classes)
+    lam: float            # lambda_RU x growth factor: weight of the sparsity regulariser
+    s: torch.Tensor       # HAT mask slope, a device scalar refilled before every iteration
+    s_ep: torch.Tensor    # the slope the embedding-gradient compensation scales by
+
+
+def train_step(G, D, opt_G, opt_D, task, x, y, args, masked=True):
+    """One DGM iteration (authors' order) on the real batch x, y of task `task.t`:
+    classifier steps on real + replayed images, one WGAN-GP critic step, one generator
+    step. Returns the losses, detached (no host synchronisation here)."""
+    t, seen, lookup, s, s_ep = task.t, task.seen, task.lookup, task.s, task.s_ep
     # (1) Classifier: the current real batch and one replayed batch per earlier task,
     # shuffled and cut into batch-sized chunks, one Adam step each (authors).
     xa, ya = x, y
-    if replay is not None:
-        data, prev = replay
+    if task.replay is not None:
+        data, prev = task.replay
         xr, yr = data.batch(len(y) * t, prev)
         xa, ya = torch.cat([x, xr]), torch.cat([y, yr])
         perm = torch.randperm(len(ya), device=ya.device)
@@ -426,7 +439,7 @@ def train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s, s_ep, lam, 
     z = torch.randn(len(y), G.nz, device=y.device)
     adv = -D(G(z, y, t, s, masked), seen)[0].mean()
     reg = G.sparsity(t, s) if masked else torch.zeros((), device=y.device)
-    g_loss = adv + lam * reg
+    g_loss = adv + task.lam * reg
     opt_G.zero_grad(set_to_none=True)
     g_loss.backward()
     if masked:
@@ -467,20 +480,20 @@ def train_task(t, G, D, env, args, generate, results):
     assert G.add_task() == t
     D.reset(keep_body=args.keep_d and t > 0)
     opt_G, opt_D = adam(G, args.lr, dev), adam(D, args.lr, dev)  # fresh every task
-    lam = args.lambda_ru * sum(G.widths) / G.initial_channels  # lambda_RU x growth factor
-    iters = task_iterations(args, env, t)
-    progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
-    G.train()
-    D.train()
     # The mask slopes s and s_ep live on the device, refilled before every iteration, so
     # that one recorded iteration serves every s (CUDA graphs). float64, like the Python
     # floats they replace: the arithmetic is the same to the last bit.
     s_now, s_ep_now = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2))
+    task = TaskSetup(t, seen, lookup, replay, s=s_now, s_ep=s_ep_now,
+                     lam=args.lambda_ru * sum(G.widths) / G.initial_channels)  # x growth
+    iters = task_iterations(args, env, t)
+    progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
+    G.train()
+    D.train()
 
     def iteration():
         x, y = env.train.batch(args.batch_size, tasks[t])
-        return train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup, s_now,
-                          s_ep_now, lam, args)
+        return train_step(G, D, opt_G, opt_D, task, x, y, args)
 
     # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
     # otherwise `step()` is simply `iteration()`.
@@ -541,17 +554,21 @@ def make_generate(G, tasks, n_classes, s_max, device):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    env = C.setup(args, f"dgm{args.variant}")
+    env = C.setup(args, f"dgm{args.variant}")  # device, seed, data, tasks, evaluator
     G = DGMGenerator(args.variant, env.channels, env.n_classes, args.ngf, args.nz,
                      env.image_size).to(env.device)
     D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,
                 args.d_norm).to(env.device)
     generate = make_generate(G, env.tasks, env.n_classes, args.s_max, env.device)
-    results = {"solver_acc_matrix": [], "A": [], "generator": []}
+    results = {"solver_acc_matrix": [], "A": [], "generator": []}  # checkpointed with run
     method = f"dgm-{args.variant}" + ("-noreplay" if args.replay == "none" else "")
-    metrics = C.run_tasks(args, env, method, {"G": G, "D": D},
-                          lambda t: train_task(t, G, D, env, args, generate, results),
-                          generate, nz=args.nz, extra=results)
+
+    # The continual-learning protocol: train task t, measure every class seen so far, save.
+    run = C.TaskRun(args, env, method, {"G": G, "D": D}, generate, nz=args.nz, extra=results)
+    for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
+        train_task(t, G, D, env, args, generate, results)  # + D's solver accuracy A_t
+        run.end_task(t)  # generated-sample Acc of every class seen, sample grid, checkpoint
+    metrics = run.finish()
     if metrics is None:
         return None
     header = ["after task"] + [",".join(map(str, task)) for task in env.tasks] + ["A_t"]

@@ -1,4 +1,4 @@
-"""Few-shot image generation with Elastic Weight Consolidation — and the EWC baseline of MeRGAN.
+"""Few-shot image generation with Elastic Weight Consolidation.
 
 Paper: Y. Li, R. Zhang, J. Lu, E. Shechtman, "Few-shot Image Generation with Elastic Weight
 Consolidation", NeurIPS 2020 (arXiv:2012.02780). Docs: docs/ewc_fewshot.md.
@@ -27,7 +27,9 @@ diversity, and the per-layer weight change rate of the paper's Section 3.1.
                           --iters 300                       # offline pair, ~4 CPU minutes
     python ewc_fewshot.py --ewc-lambda 0,1e3,1e4,1e5,1e6,5e8  # the lambda sweep
     python ewc_fewshot.py --source cifar10 --target folder --target-root my_portraits/
-    python ewc_fewshot.py --sequential --dataset mnist      # MeRGAN Table 1 EWC baseline (Eq. 9)
+
+MeRGAN's Table 1 baseline "EWC" (Eq. 9, one class per task on the conditional digit GAN) is
+a mode of the MeRGAN script: `python mergan_jtr.py --mode ewc`.
 """
 import argparse
 import copy
@@ -44,35 +46,30 @@ import common as C
 
 PAPER_LAMBDA = 5e8        # Li et al.: lambda in all of the paper's experiments (StyleGAN)
 DEFAULT_LAMBDA = 1e5      # ours for the DCGANs here, from the sweep in docs/ewc_fewshot.md
-MERGAN_LAMBDA = 1e9       # MeRGAN Table 1: lambda_EWC of the EWC baseline, Eq. (9)
-# MeRGAN Table 1, column EWC: average accuracy (%) after 5 and 10 one-digit tasks.
-PAPER_SEQUENTIAL = {"mnist": {5: 70.62, 10: 77.03}, "svhn": {5: 39.84, 10: 33.02}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_common_args(p, iters=None)
-    g = p.add_argument_group("EWC (both modes)")
-    g.add_argument("--sequential", action="store_true",
-                   help="run MeRGAN's EWC baseline instead: one class per task on the "
-                        "conditional digit GAN of the MeRGAN scripts, generator-only EWC "
-                        "(Eq. 9); uses the common flags (--dataset, --classes, ...)")
-    g.add_argument("--ewc-lambda", default=None,
-                   help="comma-separated lambdas; few-shot: each is adapted from the same "
-                        "source (0 = plain fine-tuning, the baseline; default 0,1e5; the "
-                        "paper's 5e8 pins our DCGANs to the source, see docs); "
-                        "--sequential: one value (default 1e9, MeRGAN's)")
-    g.add_argument("--fisher-samples", type=int, default=1000,
-                   help="generated images whose squared per-sample gradients are averaged "
-                        "into the Fisher information")
-    g.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 2e-4, betas 0.5/0.999, the DCGAN "
-                        "setting, few-shot; 1e-4, betas 0/0.9, MeRGAN's, --sequential)")
-    g.add_argument("--dim", type=int, default=None,
-                   help="network width (default: 64 = DCGAN's ngf/ndf, few-shot; 32 = "
-                        "MeRGAN's digit nets, --sequential)")
-    f = p.add_argument_group("few-shot adaptation (default mode)")
+    g = p.add_argument_group("run")
+    g.add_argument("--data-root", default="./data", help="where datasets are read from / "
+                   "downloaded to (default of --source-root and --target-root)")
+    g.add_argument("--no-download", action="store_true",
+                   help="never try the network; fail with a clear message if data is missing")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side of the square images (default: the target's, 32 for digits)")
+    g.add_argument("--out", default=None, help="run folder (default: "
+                   "runs/ewc_fewshot-<source>-to-<target>-s<seed>-<time>)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch; "
+                   "also picks the K shots")
+    g.add_argument("--batch-size", type=int, default=64, help="minibatch size")
+    g.add_argument("--log-every", type=int, default=100,
+                   help="print a progress line every this many iterations")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in "
+                   "--out (default: the newest matching run under runs/) after its last "
+                   "finished stage")
+    f = p.add_argument_group("source, target and shots")
     f.add_argument("--source", default="mnist", help="source domain: one of "
                    f"{', '.join(C.DATASETS)} (default mnist: 60,000 digits)")
     f.add_argument("--target", default="svhn", help="target domain: one of "
@@ -83,56 +80,52 @@ def parse_args(argv=None):
                    "--data-root; for `folder`: a folder of images, sub-folders optional)")
     f.add_argument("--shots", type=int, default=10, help="K, the number of target images "
                    "adapted to (paper: 1-10); drawn from the target's training set by --seed")
-    f.add_argument("--source-iters", type=int, default=10000,
+    t = p.add_argument_group("training")
+    t.add_argument("--source-iters", type=int, default=10000,
                    help="generator iterations of the source stage")
-    f.add_argument("--source-ckpt", default=None, help="a source.pt written by an earlier "
+    t.add_argument("--source-ckpt", default=None, help="a source.pt written by an earlier "
                    "run (its run folder holds one): skip the source stage")
-    f.add_argument("--nz", type=int, default=100, help="latent size of the DCGAN (100)")
-    f.add_argument("--fd-samples", type=int, default=2000,
+    t.add_argument("--iters", type=int, default=1000, help="adaptation iterations per lambda")
+    t.add_argument("--ewc-lambda", default=None,
+                   help="comma-separated lambdas, each adapted from the same source (0 = "
+                        "plain fine-tuning, the baseline; default 0,1e5; the paper's 5e8 "
+                        "pins our DCGANs to the source, see docs)")
+    t.add_argument("--fisher-samples", type=int, default=1000,
+                   help="generated images whose squared per-sample gradients are averaged "
+                        "into the Fisher information")
+    t.add_argument("--lr", type=float, default=2e-4,
+                   help="Adam learning rate (2e-4, betas 0.5/0.999: the DCGAN setting)")
+    t.add_argument("--dim", type=int, default=64, help="network width (64 = DCGAN's ngf/ndf)")
+    t.add_argument("--nz", type=int, default=100, help="latent size of the DCGAN (100)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--fd-samples", type=int, default=2000,
                    help="generated images for the Frechet distance to the full target set")
-    f.add_argument("--diversity-samples", type=int, default=1000,
+    e.add_argument("--diversity-samples", type=int, default=1000,
                    help="generated images for the intra-cluster diversity (~1000 in the "
                         "papers that measure it)")
-    f.add_argument("--inception-fid", action="store_true",
+    e.add_argument("--inception-fid", action="store_true",
                    help="also compute Inception FID (needs torchvision's Inception weights, "
                         "downloaded once)")
-    s = p.add_argument_group("--sequential (MeRGAN's networks and losses)")
-    s.add_argument("--lambda-cls", type=float, default=1.0, help="AC loss weight (paper: 1)")
-    s.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight (10)")
-    s.add_argument("--critic-iters", type=int, default=5, help="critic steps per G step (5)")
-    C.add_cuda_graph_arg(s)  # --cuda-graphs (default) / --no-cuda-graphs
     args = p.parse_args(argv)
 
     try:
-        default = [MERGAN_LAMBDA] if args.sequential else [0.0, DEFAULT_LAMBDA]
         args.lambdas = ([float(v) for v in args.ewc_lambda.split(",") if v.strip()]
-                        if args.ewc_lambda is not None else default)
+                        if args.ewc_lambda is not None else [0.0, DEFAULT_LAMBDA])
     except ValueError:
         raise C.UserError(f"--ewc-lambda must be comma-separated numbers, got "
                           f"{args.ewc_lambda!r}")
     if not args.lambdas or min(args.lambdas) < 0:
         raise C.UserError("--ewc-lambda needs at least one value, none negative")
-    if args.sequential and len(args.lambdas) != 1:
-        raise C.UserError("--sequential takes one --ewc-lambda value")
     if args.fisher_samples < 2:
         raise C.UserError("--fisher-samples must be at least 2")
-    if args.sequential:
-        args.lr = args.lr or 1e-4
-        args.dim = args.dim or 32
-        if args.iters is None:  # MeRGAN's train.sh: 4001 per task on MNIST, 8001 on SVHN
-            args.iters = 8001 if args.dataset in ("svhn", "synth-color") else 4001
-    else:
-        args.lr = args.lr or 2e-4
-        args.dim = args.dim or 64
-        args.iters = 1000 if args.iters is None else args.iters
-        for name in (args.source, args.target):
-            C.dataset_info(name)  # unknown names: one-line error
-        if args.shots < 1:
-            raise C.UserError("--shots must be at least 1")
-        args.source_root = args.source_root or args.data_root
-        args.target_root = args.target_root or args.data_root
-        # the run folder, checkpoints and --resume key on this name
-        args.dataset = f"{args.source}-to-{args.target}"
+    for name in (args.source, args.target):
+        C.dataset_info(name)  # unknown names: one-line error
+    if args.shots < 1:
+        raise C.UserError("--shots must be at least 1")
+    args.source_root = args.source_root or args.data_root
+    args.target_root = args.target_root or args.data_root
+    # the run folder, checkpoints and --resume key on this name
+    args.dataset = f"{args.source}-to-{args.target}"
     return args
 
 
@@ -452,36 +445,11 @@ def evaluate(G, net, target_feat, shots_float, args, device, inception=None):
 
 
 # ------------------------------------------------------------------------------------------
-# The few-shot run: three stages, each checkpointed
+# The few-shot run: three stages, each checkpointed (so that --resume skips finished ones)
 # ------------------------------------------------------------------------------------------
-def fewshot_main(args):
-    device = C.pick_device(args.device)
-    print(f"device: {device}", flush=True)
-    C.seed_everything(args.seed)
-    out, ckpt = C.prepare_run(args, "ewc_fewshot")
-    state = ckpt or {"args": vars(args), "adapted": {}, "results": {}, "seconds": {}}
-    download = not args.no_download
-    t_start = time.time()
-
-    # Data. The run's channels and size follow the target (the domain we generate).
-    tx, ty, tnames = load_domain(args.target, args.target_root, True, args.image_size, None,
-                                 download)
-    size, channels = tx.shape[-1], tx.shape[1]
-    args.image_size = size
-    shots, shot_idx = pick_shots(tx, args.shots, args.seed)
-    shots = shots.to(device)
-    print(f"target {args.target}: {len(tx)} images {tuple(tx.shape[1:])}, {args.shots} shots "
-          f"(indices {shot_idx.tolist()[:10]}{' ...' if args.shots > 10 else ''}); "
-          f"run folder {out}", flush=True)
-    imageio.imwrite(os.path.join(out, "shots.png"),
-                    C.image_grid(C.to_float(shots), nrow=min(10, args.shots)))
-
-    G = DCGANGenerator(channels, args.dim, args.nz, size).to(device)
-    D = DCGANDiscriminator(channels, args.dim, size).to(device)
-    dcgan_init(G)  # D initialises itself (spectral norm)
-    z_grid = torch.randn(10, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)
-
-    # Stage 1: source.
+def stage_source(G, D, args, state, out, device, channels):
+    """Stage 1: the source GAN, loaded from --source-ckpt, resumed from this run's
+    source.pt, or trained on the source domain (then checkpointed)."""
     src_path = os.path.join(out, "source.pt")
     if args.source_ckpt:
         src = C.load_checkpoint(args.source_ckpt)
@@ -489,8 +457,8 @@ def fewshot_main(args):
             G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
         except (KeyError, RuntimeError) as err:
             raise C.UserError(f"--source-ckpt {args.source_ckpt} does not fit this run's "
-                              f"networks (dim {args.dim}, {channels} channels, {size}px): "
-                              f"{str(err).splitlines()[0]}")
+                              f"networks (dim {args.dim}, {channels} channels, "
+                              f"{args.image_size}px): {str(err).splitlines()[0]}")
         print(f"source: loaded {args.source_ckpt}", flush=True)
         if os.path.abspath(args.source_ckpt) != os.path.abspath(src_path):
             C.atomic_save(src, src_path)
@@ -499,7 +467,8 @@ def fewshot_main(args):
         G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
         print("source: resumed from the checkpoint", flush=True)
     else:
-        sx, _, _ = load_domain(args.source, args.source_root, True, size, channels, download)
+        sx, _, _ = load_domain(args.source, args.source_root, True, args.image_size,
+                               channels, not args.no_download)
         print(f"source {args.source}: {len(sx)} images; training {args.source_iters} "
               "iterations", flush=True)
         t0 = time.time()
@@ -508,26 +477,23 @@ def fewshot_main(args):
         C.atomic_save({"G": G.state_dict(), "D": D.state_dict(), "args": vars(args)}, src_path)
         state.setdefault("done", []).append("source")
         C.save_checkpoint(out, state)
-    # Frozen from here on (adaptation fine-tunes copies). eval(): spectral norm stops its
-    # power iteration, so not even D's normalisation buffers change in the Fisher stage.
-    G.eval(), D.eval()
-    D.requires_grad_(False)
-    with torch.no_grad():
-        imageio.imwrite(os.path.join(out, "source_samples.png"),
-                        C.image_grid(G(z_grid), nrow=10))
 
-    # Stage 2: Fisher information from the frozen source discriminator.
+
+def stage_fisher(G, D, args, state, out, device):
+    """Stage 2: the Fisher information of the frozen source G, from the frozen source D
+    (computed once, then read from fisher.pt). Returns {parameter name: F}."""
     fisher_path = os.path.join(out, "fisher.pt")
     if "fisher" in state.get("done", []):
         fisher = C.load_checkpoint(fisher_path)["fisher"]
     else:
         t0 = time.time()
+        D.requires_grad_(False)
         fisher = fisher_information(G, source_log_likelihood(D), args.fisher_samples)
+        D.requires_grad_(True)
         state["seconds"]["fisher"] = time.time() - t0
         C.atomic_save({"fisher": fisher}, fisher_path)
         state.setdefault("done", []).append("fisher")
         C.save_checkpoint(out, state)
-    D.requires_grad_(True)
     fisher = {k: f.to(device) for k, f in fisher.items()}
     flat = torch.cat([f.flatten() for f in fisher.values()])
     state["fisher_stats"] = {"mean": float(flat.mean()), "max": float(flat.max()),
@@ -535,50 +501,37 @@ def fewshot_main(args):
     print(f"Fisher over {len(flat)} generator parameters from {args.fisher_samples} samples: "
           f"mean {flat.mean():.3e}  median {flat.median():.3e}  max {flat.max():.3e}",
           flush=True)
+    return fisher
 
-    # Evaluation set-up: feature net, full target set's features.
-    net, net_name = feature_net(args, (tx, ty, tnames), device, channels)
-    target_float = C.to_float(tx.to(device))
-    target_feat = C.features(net, target_float)
-    inception = None
-    if args.inception_fid:
-        net_i = C.inception_net(device)
-        inception = (net_i, C.inception_features(net_i, target_float))
-    print(f"feature net: {net_name}", flush=True)
-    if "source" not in state["results"]:
-        state["results"]["source"] = evaluate(G, net, target_feat, C.to_float(shots), args,
-                                              device, inception)
 
-    # Stage 3: adaptation, once per lambda, all from the same source, Fisher and shots.
-    grids, gif_frames = {}, {}
-    for lam in args.lambdas:
-        key = f"{lam:g}"
-        torch.manual_seed(args.seed + 1)  # every lambda sees the same noise and batches
-        if key in state["adapted"]:
-            G_ad = copy.deepcopy(G)
-            G_ad.load_state_dict(state["adapted"][key])
-            frames = [s for s in state["frames"][key]]
-            print(f"adaptation lambda={key}: resumed from the checkpoint", flush=True)
-        else:
-            t0 = time.time()
-            G_ad, frames = adapt(G, D, shots, fisher, lam, args, z_grid)
-            G_ad.eval()
-            with torch.no_grad():
-                pen = float(ewc_penalty(G_ad, fisher, dict(G.named_parameters())))
-            res = evaluate(G_ad, net, target_feat, C.to_float(shots), args, device, inception)
-            res.update(weight_change_rate=weight_change_rate(G, G_ad), ewc_penalty=pen,
-                       lambda_times_penalty=lam * pen, seconds=time.time() - t0)
-            state["results"][key] = res
-            state["adapted"][key] = G_ad.state_dict()
-            state.setdefault("frames", {})[key] = frames
-            C.save_checkpoint(out, state)
-        with torch.no_grad():
-            grids[key] = G_ad(z_grid).cpu()
-        gif_frames[key] = frames
-        imageio.imwrite(os.path.join(out, f"samples_lambda{key}.png"),
-                        C.image_grid(sample(G_ad, 64, device).cpu(), nrow=8))
+def stage_adapt(G, D, shots, fisher, lam, args, state, out, z_grid, evaluate_G):
+    """Stage 3 for one lambda: adapt copies of the source nets to the K shots (or take the
+    adapted G from the checkpoint), evaluate and checkpoint. Returns (G_adapted, frames)."""
+    key = f"{lam:g}"
+    torch.manual_seed(args.seed + 1)  # every lambda sees the same noise and batches
+    if key in state["adapted"]:
+        G_ad = copy.deepcopy(G)
+        G_ad.load_state_dict(state["adapted"][key])
+        print(f"adaptation lambda={key}: resumed from the checkpoint", flush=True)
+        return G_ad, list(state["frames"][key])
+    t0 = time.time()
+    G_ad, frames = adapt(G, D, shots, fisher, lam, args, z_grid)
+    G_ad.eval()
+    with torch.no_grad():
+        pen = float(ewc_penalty(G_ad, fisher, dict(G.named_parameters())))
+    res = evaluate_G(G_ad)
+    res.update(weight_change_rate=weight_change_rate(G, G_ad), ewc_penalty=pen,
+               lambda_times_penalty=lam * pen, seconds=time.time() - t0)
+    state["results"][key] = res
+    state["adapted"][key] = G_ad.state_dict()
+    state.setdefault("frames", {})[key] = frames
+    C.save_checkpoint(out, state)
+    return G_ad, frames
 
-    # Outputs: side-by-side grid, adaptation GIF, tables, metrics.json.
+
+def report(args, out, G, shots, z_grid, grids, gif_frames, state, net_name, n_target):
+    """The side-by-side grid (shots, source, each lambda), the adaptation GIF and the
+    tables: FD to the target and diversity per generator, weight change rate per layer."""
     rows = [C.to_float(shots[:10]).cpu()]
     rows[0] = torch.cat([rows[0], torch.ones(10 - len(rows[0]), *rows[0].shape[1:])])
     with torch.no_grad():
@@ -603,8 +556,8 @@ def fewshot_main(args):
                      + ([r["inception_fid"]] if args.inception_fid else []))
     print(f"\n{args.source} -> {args.target}, {args.shots} shots, {args.iters} adaptation "
           f"iterations; FD on {net_name} features, {args.fd_samples} generated vs "
-          f"{len(tx)} target images; diversity: LPIPS-style distance on the same net's conv "
-          f"features, {args.diversity_samples} samples")
+          f"{n_target} target images; diversity: LPIPS-style distance on the same net's "
+          f"conv features, {args.diversity_samples} samples")
     print(C.fmt_table(header, table))
     layers = list(results[f"{args.lambdas[0]:g}"]["weight_change_rate"])
     wc_rows = [[f"layer {i + 1} ({k})"] + [results[f"{lam:g}"]["weight_change_rate"][k]
@@ -613,9 +566,75 @@ def fewshot_main(args):
     print("\naverage weight change rate per layer, ||theta - theta_S||_1 / ||theta_S||_1 (%) "
           "(the paper's Section 3.1)")
     print(C.fmt_table(["layer"] + [f"lambda {lam:g}" for lam in args.lambdas], wc_rows))
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    device = C.pick_device(args.device)
+    print(f"device: {device}", flush=True)
+    C.seed_everything(args.seed)
+    out, ckpt = C.prepare_run(args, "ewc_fewshot")
+    state = ckpt or {"args": vars(args), "adapted": {}, "results": {}, "seconds": {}}
+    t_start = time.time()
+
+    # The target and its K shots. The run's channels and size follow the target.
+    tx, ty, tnames = load_domain(args.target, args.target_root, True, args.image_size, None,
+                                 not args.no_download)
+    size, channels = tx.shape[-1], tx.shape[1]
+    args.image_size = size
+    shots, shot_idx = pick_shots(tx, args.shots, args.seed)
+    shots = shots.to(device)
+    print(f"target {args.target}: {len(tx)} images {tuple(tx.shape[1:])}, {args.shots} shots "
+          f"(indices {shot_idx.tolist()[:10]}{' ...' if args.shots > 10 else ''}); "
+          f"run folder {out}", flush=True)
+    imageio.imwrite(os.path.join(out, "shots.png"),
+                    C.image_grid(C.to_float(shots), nrow=min(10, args.shots)))
+    G = DCGANGenerator(channels, args.dim, args.nz, size).to(device)
+    D = DCGANDiscriminator(channels, args.dim, size).to(device)
+    dcgan_init(G)  # D initialises itself (spectral norm)
+    z_grid = torch.randn(10, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)
+
+    # Stage 1: the source GAN.
+    stage_source(G, D, args, state, out, device, channels)
+    # Frozen from here on (adaptation fine-tunes copies). eval(): spectral norm stops its
+    # power iteration, so not even D's normalisation buffers change in the Fisher stage.
+    G.eval(), D.eval()
+    with torch.no_grad():
+        imageio.imwrite(os.path.join(out, "source_samples.png"),
+                        C.image_grid(G(z_grid), nrow=10))
+    # Stage 2: the Fisher information from the frozen source discriminator.
+    fisher = stage_fisher(G, D, args, state, out, device)
+
+    # Evaluation set-up: feature net, the full target set's features.
+    net, net_name = feature_net(args, (tx, ty, tnames), device, channels)
+    target_float = C.to_float(tx.to(device))
+    target_feat = C.features(net, target_float)
+    inception = None
+    if args.inception_fid:
+        net_i = C.inception_net(device)
+        inception = (net_i, C.inception_features(net_i, target_float))
+    print(f"feature net: {net_name}", flush=True)
+
+    def evaluate_G(G_eval):
+        return evaluate(G_eval, net, target_feat, C.to_float(shots), args, device, inception)
+    if "source" not in state["results"]:
+        state["results"]["source"] = evaluate_G(G)
+
+    # Stage 3: adaptation, once per lambda, all from the same source, Fisher and shots.
+    grids, gif_frames = {}, {}
+    for lam in args.lambdas:
+        G_ad, gif_frames[f"{lam:g}"] = stage_adapt(G, D, shots, fisher, lam, args, state,
+                                                   out, z_grid, evaluate_G)
+        with torch.no_grad():
+            grids[f"{lam:g}"] = G_ad(z_grid).cpu()
+        imageio.imwrite(os.path.join(out, f"samples_lambda{lam:g}.png"),
+                        C.image_grid(sample(G_ad, 64, device).cpu(), nrow=8))
+
+    report(args, out, G, shots, z_grid, grids, gif_frames, state, net_name, len(tx))
     metrics = {"method": "ewc-fewshot", "source": args.source, "target": args.target,
                "shots": args.shots, "shot_indices": shot_idx.tolist(),
-               "feature_net": net_name, "lambdas": args.lambdas, "results": results,
+               "feature_net": net_name, "lambdas": args.lambdas, "results": state["results"],
                "fisher": state["fisher_stats"], "device": str(device),
                "seconds": {**state["seconds"], "total_this_call": time.time() - t_start},
                "args": vars(args)}
@@ -624,106 +643,6 @@ def fewshot_main(args):
           + ", ".join(f"lambda {lam:g}" for lam in args.lambdas)
           + f"), adaptation.gif, metrics.json", flush=True)
     return metrics
-
-
-# ------------------------------------------------------------------------------------------
-# --sequential: MeRGAN's EWC baseline (Eq. 9) on the conditional digit GAN
-# ------------------------------------------------------------------------------------------
-class EWCState(nn.Module):
-    """F_{t-1} and theta_{t-1} of Eq. (9), one buffer per generator parameter, so that they
-    are checkpointed (and restored on --resume) with the networks."""
-
-    def __init__(self, G):
-        super().__init__()
-        self.names = [k for k, _ in G.named_parameters()]
-        for k, p in G.named_parameters():
-            self.register_buffer("F_" + k.replace(".", "_"), torch.zeros_like(p))
-            self.register_buffer("theta_" + k.replace(".", "_"), torch.zeros_like(p))
-
-    def get(self, prefix):
-        """{generator parameter name: buffer} for prefix "F_" or "theta_"."""
-        return {k: getattr(self, prefix + k.replace(".", "_")) for k in self.names}
-
-
-def sequential_log_likelihood(D, classes, lambda_cls):
-    """Per-sample log-likelihood of generated images under the frozen critic and classifier
-    of task t-1 (our choice, docs): the negative of the generator's own per-sample loss,
-    Eqs. (2)+(3): D(G(z, c)) + lambda_cls * log C(c | G(z, c)), c uniform over the classes
-    seen so far."""
-    def log_likelihood(G, m):
-        dev = next(G.parameters()).device
-        c = torch.as_tensor(classes, device=dev)[torch.randint(len(classes), (m,), device=dev)]
-        score, logits = D(G(torch.randn(m, G.nz, device=dev), c))
-        return score + lambda_cls * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
-    return log_likelihood
-
-
-def sequential_train_task(t, G, D, ewc, env, args):
-    """Task t: sequential fine-tuning (Eqs. 7-8) on the current class, plus Eq. (9)'s
-    penalty (lambda/2) sum_i F_{t-1,i} (theta_i - theta_{t-1,i})^2 on the generator from the
-    second task on; then F_t for the next task. Adam state is reset per task (MeRGAN)."""
-    task, lam = env.tasks[t], args.lambdas[0]
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # MeRGAN
-    fisher, anchor = ewc.get("F_"), ewc.get("theta_")   # F_{t-1}, theta_{t-1}
-    zero = torch.zeros((), device=env.device)
-
-    def iteration():  # one generator iteration: critic_iters critic steps, one G step
-        for _ in range(args.critic_iters):
-            x, y = env.train.batch(args.batch_size, task)
-            with torch.no_grad():
-                fake = G(torch.randn(len(y), G.nz, device=env.device), y)
-            score, logits = D(torch.cat([x, fake]))
-            gp = C.gradient_penalty(lambda v: D(v)[0], x, fake, D.input_gradient)
-            d_gan = score[len(y):].mean() - score[:len(y)].mean() + args.lambda_gp * gp  # (5)
-            d_cls = F.cross_entropy(logits[:len(y)], y)                                 # (6)
-            opt_D.zero_grad(set_to_none=True)
-            (d_gan + args.lambda_cls * d_cls).backward()
-            opt_D.step()
-        D.requires_grad_(False)
-        score, logits = D(G(torch.randn(len(y), G.nz, device=env.device), y))
-        g_gan = -score.mean()                                    # Eq. (2)
-        g_cls = F.cross_entropy(logits, y)                       # Eq. (3)
-        pen = (lam / 2) * ewc_penalty(G, fisher, anchor) if t > 0 else zero   # Eq. (9)
-        opt_G.zero_grad(set_to_none=True)
-        (g_gan + args.lambda_cls * g_cls + pen).backward()
-        opt_G.step()
-        D.requires_grad_(True)
-        return {"d_loss": d_gan.detach(), "d_cls": d_cls.detach(), "g_loss": g_gan.detach(),
-                "ewc_penalty": pen.detach()}
-
-    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
-    # otherwise `step()` is simply `iteration()`.
-    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, env.device))
-    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
-    for it in range(args.iters):
-        progress.update(it, step())
-    # F_t and theta_t for the next task: every class seen so far, frozen D.
-    seen = [c for tk in env.tasks[:t + 1] for c in tk]
-    D.requires_grad_(False)
-    new_f = fisher_information(G, sequential_log_likelihood(D, seen, args.lambda_cls),
-                               args.fisher_samples)
-    D.requires_grad_(True)
-    for k, p in G.named_parameters():
-        fisher[k].copy_(new_f[k])
-        anchor[k].copy_(p.detach())
-
-
-def sequential_main(args):
-    env = C.setup(args, "ewc_sequential")
-    G = C.Generator(env.channels, env.n_classes, args.dim, image_size=env.image_size)
-    D = C.Critic(env.channels, env.n_classes, args.dim, image_size=env.image_size)
-    G, D = G.to(env.device), D.to(env.device)
-    ewc = EWCState(G).to(env.device)
-    default_protocol = args.classes is None and args.classes_per_task == 1
-    paper = PAPER_SEQUENTIAL.get(args.dataset) if default_protocol else None
-    return C.run_tasks(args, env, "ewc", {"G": G, "D": D, "ewc": ewc},
-                       lambda t: sequential_train_task(t, G, D, ewc, env, args), G,
-                       paper=paper)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    return sequential_main(args) if args.sequential else fewshot_main(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""MeRGAN-JTR: Memory Replay GAN, joint training with replay — plus the SFT and JT baselines.
+"""MeRGAN-JTR: Memory Replay GAN, joint training with replay — plus the SFT, EWC and JT baselines.
 
 Paper: C. Wu, L. Herranz, X. Liu, Y. Wang, J. van de Weijer, B. Raducanu,
 "Memory Replay GANs: learning to generate images from new categories without forgetting",
@@ -7,10 +7,14 @@ NeurIPS 2018 (arXiv:1809.02058), Sections 2-3. Docs: docs/mergan.md.
 A conditional AC-GAN with a WGAN-GP loss learns one class per task. Before each task a
 frozen copy of the generator, G_{t-1}, is kept; every real minibatch of the current class is
 joined by one replayed minibatch covering all earlier classes (Eqs. 10-11), and critic,
-classifier and generator are trained on that extended set.
+classifier and generator are trained on that extended set. The baselines of the paper's
+Table 1 are modes of the same script, with the same networks and losses: sequential
+fine-tuning (no replay), EWC (fine-tuning with Eq. 9's Fisher-weighted anchor on the
+generator) and joint training on the real data of every class seen so far.
 
     python mergan_jtr.py --dataset mnist                  # MeRGAN-JTR, Table 1
     python mergan_jtr.py --dataset mnist --mode sft       # sequential fine-tuning (Eqs. 7-8)
+    python mergan_jtr.py --dataset mnist --mode ewc       # the EWC baseline (Eq. 9)
     python mergan_jtr.py --dataset mnist --mode jt        # joint training (upper bound)
     python mergan_jtr.py --dataset lsun --data-root LSUN   # Table 2: 64x64 ResNet nets, 4 scenes
     python mergan_jtr.py --dataset synth --classes 0,1,2 --iters 300 --dim 16 --eval-samples 320
@@ -21,6 +25,7 @@ import argparse
 import copy
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
@@ -28,20 +33,23 @@ import common as C
 # Table 1 of the paper: average accuracy (%) after 5 and 10 tasks, one digit per task.
 PAPER = {("jtr", "mnist"): {5: 97.93, 10: 97.00}, ("jtr", "svhn"): {5: 80.90, 10: 66.50},
          ("sft", "mnist"): {5: 19.87, 10: 10.06}, ("sft", "svhn"): {5: 19.35, 10: 10.10},
+         ("ewc", "mnist"): {5: 70.62, 10: 77.03}, ("ewc", "svhn"): {5: 39.84, 10: 33.02},
          ("jt", "mnist"): {5: 97.66, 10: 96.92}, ("jt", "svhn"): {5: 85.30, 10: 84.82}}
 # Table 2: LSUN bedroom -> kitchen -> church_outdoor -> tower, after task 4 (no JT column).
 PAPER_LSUN = {"jtr": {"acc": 79.19, "rev_acc": 70.00, "fid": 49.69},
-              "sft": {"acc": 15.02, "rev_acc": 28.0, "fid": 110.12}}
+              "sft": {"acc": 15.02, "rev_acc": 28.0, "fid": 110.12},
+              "ewc": {"acc": 14.28, "rev_acc": 63.35, "fid": 178.05}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
-    p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "jt"],
+    p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "ewc", "jt"],
                    help="jtr: joint training with replay (MeRGAN, Eqs. 10-11); sft: "
-                        "sequential fine-tuning (Eqs. 7-8); jt: joint training on the real "
-                        "data of every class seen so far (the upper bound)")
+                        "sequential fine-tuning (Eqs. 7-8); ewc: sequential fine-tuning with "
+                        "EWC on the generator (Eq. 9); jt: joint training on the real data "
+                        "of every class seen so far (the upper bound)")
     p.add_argument("--lambda-cls", type=float, default=1.0, help="weight of the AC "
                    "classification losses, Eqs. (3) and (6) (paper: 1)")
     p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight "
@@ -50,10 +58,43 @@ def parse_args(argv=None):
                    "step (paper: 5)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
-    C.add_mergan_args(p)  # --arch, --dim, --final-metrics, --inception-fid
+    p.add_argument("--ewc-lambda", type=float, default=1e9, help="--mode ewc: lambda_EWC "
+                   "of Eq. (9) (paper: 1e9)")
+    p.add_argument("--fisher-samples", type=int, default=1000, help="--mode ewc: generated "
+                   "images whose squared per-sample gradients are averaged into the Fisher "
+                   "information after each task")
+    p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
+                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
+                        "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
+    p.add_argument("--dim", type=int, default=None, help="width of generator and critic "
+                   "(paper: 32 for dcgan, 64 for resnet)")
+    p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the last task also report Table 2's Rev acc and the Frechet "
+                        "distance of generated to real test images (default: on for lsun)")
+    p.add_argument("--inception-fid", action="store_true",
+                   help="with --final-metrics, also Inception FID (needs torchvision's "
+                        "Inception-v3 weights, downloaded once)")
+    p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
+                   "autograd's gradient penalty and plain 5x5 convolutions, without the "
+                   "digit nets' speed branches (same numbers to float rounding, slower)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
     args = p.parse_args(argv)
-    C.resolve_mergan_defaults(args)  # --arch, --dim, --iters (4001 MNIST, 8001 SVHN, ...)
+    # Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
+    # for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001,
+    # LSUN 20001; Table 2's metrics on for lsun.
+    size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
+    if args.arch == "auto":
+        args.arch = "resnet" if size == 64 else "dcgan"
+    if args.dim is None:
+        args.dim = 64 if args.arch == "resnet" else 32
+    if args.iters is None:
+        args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
+    if args.final_metrics is None:
+        args.final_metrics = args.dataset == "lsun"
+    if args.fisher_samples < 2:
+        raise C.UserError("--fisher-samples must be at least 2")
+    if args.ewc_lambda < 0:
+        raise C.UserError("--ewc-lambda must not be negative")
     return args
 
 
@@ -86,6 +127,54 @@ def training_batch(train, task, prev, prev_y, G_prev, mode, batch_size, nz):
 
 
 # ------------------------------------------------------------------------------------------
+# --mode ewc: Elastic Weight Consolidation on the generator (the EWC baseline, Eq. 9)
+# ------------------------------------------------------------------------------------------
+class EWCState(nn.Module):
+    """F_{t-1} and theta_{t-1} of Eq. (9), one buffer per generator parameter, so that they
+    are checkpointed (and restored on --resume) with the networks."""
+
+    def __init__(self, G):
+        super().__init__()
+        self.names = [k for k, _ in G.named_parameters()]
+        for k, p in G.named_parameters():
+            self.register_buffer("F_" + k.replace(".", "_"), torch.zeros_like(p))
+            self.register_buffer("theta_" + k.replace(".", "_"), torch.zeros_like(p))
+
+    def get(self, prefix):
+        """{generator parameter name: buffer} for prefix "F_" or "theta_"."""
+        return {k: getattr(self, prefix + k.replace(".", "_")) for k in self.names}
+
+
+def ewc_penalty(G, fisher, anchor):
+    """sum_i F_i (theta_i - theta_anchor,i)^2 over the generator's parameters (no lambda)."""
+    return sum((fisher[k] * (p - anchor[k]).square()).sum() for k, p in G.named_parameters())
+
+
+def fisher_information(G, D, classes, n, lambda_cls, batch=50):
+    """Diagonal Fisher of G's parameters after a task: F_i = mean over n generated samples of
+    (d log L(x_j) / d theta_i)^2, one backward pass PER SAMPLE (the square of a mean
+    gradient would be a different, much smaller quantity). log L is our choice (docs): the
+    negative of the generator's own per-sample loss, Eqs. (2)+(3), under the frozen critic
+    and classifier: D(G(z, c)) + lambda_cls * log C(c | G(z, c)), c uniform over `classes`."""
+    params = dict(G.named_parameters())
+    fisher = {k: torch.zeros_like(p) for k, p in params.items()}
+    dev, done = next(G.parameters()).device, 0
+    while done < n:
+        m = min(batch, n - done)
+        c = torch.as_tensor(classes, device=dev)[torch.randint(len(classes), (m,), device=dev)]
+        score, logits = D(G(torch.randn(m, G.nz, device=dev), c))
+        ll = score + lambda_cls * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+        for j in range(m):                          # per-sample gradients, squared
+            grads = torch.autograd.grad(ll[j], list(params.values()), retain_graph=j < m - 1,
+                                        allow_unused=True)
+            for (k, _), g in zip(params.items(), grads):
+                if g is not None:
+                    fisher[k] += g.square()
+        done += m
+    return {k: f / n for k, f in fisher.items()}
+
+
+# ------------------------------------------------------------------------------------------
 # One training iteration: critic steps, then a generator step
 # ------------------------------------------------------------------------------------------
 def critic_step(G, D, opt_D, x, y, n_cur, args):
@@ -98,10 +187,11 @@ def critic_step(G, D, opt_D, x, y, n_cur, args):
         fake = G(torch.randn(len(y), G.nz, device=x.device), y)
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     s_real, s_fake = score[:len(y)], score[len(y):]
-    # The DCGAN critic writes its input gradient out (exact, cheaper than autograd's double
-    # backward); the ResNet critic leaves it to autograd.
-    gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur],
-                            getattr(D, "input_gradient", None))
+    # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
+    # BRANCH (the digit critic by default): its input gradient written out, the same value
+    # at about two thirds of the cost (common.Critic.input_gradient, tested equal).
+    fast_grad = D.input_gradient if getattr(D, "fast", False) else None
+    gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur], fast_grad)
     loss_gan = s_fake.mean() - s_real.mean() + args.lambda_gp * gp  # Eq. (5): WGAN-GP critic
     loss_cls = F.cross_entropy(logits[:len(y)], y)                   # Eq. (6): AC on real data
     loss = loss_gan + args.lambda_cls * loss_cls
@@ -111,35 +201,47 @@ def critic_step(G, D, opt_D, x, y, n_cur, args):
     return loss_gan.detach(), loss_cls.detach()
 
 
-def generator_step(G, D, opt_G, y, args):
-    """One generator update for labels y (current task + replayed classes)."""
+def generator_step(G, D, opt_G, y, args, penalty=None):
+    """One generator update for labels y (current task + replayed classes); `penalty`:
+    --mode ewc's Eq. (9) term from the second task on, else None."""
     D.requires_grad_(False)  # no weight gradients for D in the generator step
     score, logits = D(G(torch.randn(len(y), G.nz, device=y.device), y))
     loss_gan = -score.mean()                      # Eq. (2): WGAN generator loss
     loss_cls = F.cross_entropy(logits, y)         # Eq. (3): AC loss on generated images
     loss = loss_gan + args.lambda_cls * loss_cls
+    pen = torch.zeros((), device=y.device)
+    if penalty is not None:
+        pen = penalty()  # Eq. (9): (lambda_EWC / 2) sum_i F_{t-1,i} (theta_i - theta_{t-1,i})^2
+        loss = loss + pen
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     opt_G.step()
     D.requires_grad_(True)
-    return loss_gan.detach(), loss_cls.detach()
+    return loss_gan.detach(), loss_cls.detach(), pen.detach()
 
 
-def train_task(t, G, D, env, args):
-    """Train task t. Adam's state is re-initialised at every task, as the authors do."""
+def train_task(t, G, D, env, args, ewc=None):
+    """Train task t. Adam's state is re-initialised at every task, as the authors do.
+    --mode ewc: `ewc` (an EWCState) holds F_{t-1} and theta_{t-1}; after the task it is
+    refilled with F_t and theta_t for the next."""
     task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
     opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # paper
     # Eq. (10): the frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if args.mode == "jtr" and prev else None
     prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
+    penalty = None
+    if args.mode == "ewc" and t > 0:  # Eq. (9), from the second task on
+        fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
+        penalty = lambda: (args.ewc_lambda / 2) * ewc_penalty(G, fisher, anchor)  # noqa: E731
 
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
         for _ in range(args.critic_iters):
             x, y = training_batch(env.train, task, prev, prev_y, G_prev, args.mode,
                                   args.batch_size, G.nz)
             d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args)
-        g_gan, g_cls = generator_step(G, D, opt_G, y, args)
-        return {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
+        g_gan, g_cls, pen = generator_step(G, D, opt_G, y, args, penalty)
+        losses = {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
+        return dict(losses, ewc_penalty=pen) if args.mode == "ewc" else losses
 
     # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
     # otherwise `step()` is simply `iteration()`.
@@ -147,22 +249,41 @@ def train_task(t, G, D, env, args):
     progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())
+    if args.mode == "ewc":  # F_t and theta_t for the next task: every class seen, frozen D
+        seen = [c for tk in env.tasks[:t + 1] for c in tk]
+        D.requires_grad_(False)
+        new_f = fisher_information(G, D, seen, args.fisher_samples, args.lambda_cls)
+        D.requires_grad_(True)
+        for k, p in G.named_parameters():
+            ewc.get("F_")[k].copy_(new_f[k])
+            ewc.get("theta_")[k].copy_(p.detach())
 
 
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    env = C.setup(args, f"mergan_{args.mode}")
+    env = C.setup(args, f"mergan_{args.mode}")  # device, seed, data, tasks, evaluator
     G, D = C.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
-                             env.image_size, critic_classes=env.n_classes)
+                             env.image_size, critic_classes=env.n_classes,
+                             fast=not args.plain_step)
     G, D = G.to(env.device), D.to(env.device)
+    models = {"G": G, "D": D}
+    ewc = None
+    if args.mode == "ewc":  # F and theta of Eq. (9), checkpointed with the networks
+        ewc = models["ewc"] = EWCState(G).to(env.device)
     default_protocol = args.classes is None and args.classes_per_task == 1
-    paper = PAPER.get((args.mode, args.dataset)) if default_protocol else None
-    paper_final = PAPER_LSUN.get(args.mode) if default_protocol and args.dataset == "lsun" \
-        else None
-    return C.run_tasks(args, env, f"mergan-{args.mode}", {"G": G, "D": D},
-                       lambda t: train_task(t, G, D, env, args), G, paper=paper,
-                       paper_final=paper_final)
+
+    # The continual-learning protocol: train task t, measure every class seen so far, save.
+    run = C.TaskRun(args, env, f"mergan-{args.mode}", models, generate=G)
+    for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
+        train_task(t, G, D, env, args, ewc)  # real data of task t (+ replay, Eqs. 10-11)
+        run.end_task(t)  # Acc of every class seen (row t of R), sample grid, checkpoint
+    metrics = run.finish(paper=PAPER.get((args.mode, args.dataset)) if default_protocol
+                         else None)
+    if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows
+        lsun = default_protocol and args.dataset == "lsun"
+        metrics = run.generated_set_report(PAPER_LSUN.get(args.mode) if lsun else None)
+    return metrics
 
 
 if __name__ == "__main__":

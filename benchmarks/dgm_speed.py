@@ -45,11 +45,11 @@ def time_steps(G, D, t, args, masked, n, device):
         replay = (C.TaskData(x, y, device), list(range(t)))
     x = torch.rand(args.batch, 1, 32, 32, device=device) * 2 - 1
     y = torch.full((args.batch,), t, dtype=torch.long, device=device)
-    lam = cfg.lambda_ru
+    s = torch.tensor(cfg.s_max / 2, dtype=torch.float64, device=device)
+    task = dgm.TaskSetup(t, seen, lookup, replay, lam=cfg.lambda_ru, s=s, s_ep=s)
 
     def step():
-        return dgm.train_step(G, D, opt_G, opt_D, t, x, y, replay, seen, lookup,
-                              cfg.s_max / 2, cfg.s_max / 2, lam, cfg, masked=masked)
+        return dgm.train_step(G, D, opt_G, opt_D, task, x, y, cfg, masked=masked)
     for _ in range(3):   # warm-up
         step()
     if device.type == "cuda":

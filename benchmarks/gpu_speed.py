@@ -29,7 +29,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import common as C  # noqa: E402
 import dgm  # noqa: E402
-import ewc_fewshot  # noqa: E402
 import mergan_jtr  # noqa: E402
 import mergan_ra  # noqa: E402
 from dgm_speed import grow_to_task  # noqa: E402
@@ -68,16 +67,11 @@ def mergan_task(name, t, iters, graphs, env):
         args = mergan_ra.parse_args(flags)
         G, D = C.mergan_networks("dcgan", 1, 10, 32, 32, critic_classes=None)
         run = mergan_ra.train_task
-    elif name == "ewc":
-        args = ewc_fewshot.parse_args(["--sequential", "--fisher-samples", "2"] + flags)
-        G, D = C.Generator(1, 10, 32), C.Critic(1, 10, 32)
-        ewc = ewc_fewshot.EWCState(G).to(env.device)
-        run = lambda t, G, D, env, args: ewc_fewshot.sequential_train_task(t, G, D, ewc, env,
-                                                                             args)
-    else:
-        args = mergan_jtr.parse_args(["--mode", name] + flags)
+    else:  # jtr, ewc (the EWC baseline is a mode of mergan_jtr.py)
+        args = mergan_jtr.parse_args(["--mode", name, "--fisher-samples", "2"] + flags)
         G, D = C.mergan_networks("dcgan", 1, 10, 32, 32, critic_classes=10)
-        run = mergan_jtr.train_task
+        ewc = mergan_jtr.EWCState(G).to(env.device)
+        run = lambda t, G, D, env, args: mergan_jtr.train_task(t, G, D, env, args, ewc)
     G, D = G.to(env.device), D.to(env.device)
     return lambda: run(t, G, D, env, args)
 

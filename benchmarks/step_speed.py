@@ -19,27 +19,6 @@ import common as C  # noqa: E402
 import mergan_jtr  # noqa: E402
 
 
-class PlainGenerator(C.Generator):
-    """The same generator, every layer called as written (nn.ConvTranspose2d)."""
-
-    def forward(self, z, y=None):
-        h = self.fc(z).view(len(z), self.top, 4, 4)
-        for bn, up in zip(self.bns, self.ups):
-            h = up(F.relu(bn(h, y)))
-        return torch.tanh(h)
-
-
-class PlainCritic(C.Critic):
-    """The same critic, every layer called as written (nn.Conv2d)."""
-
-    def forward(self, x):
-        h = x
-        for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.2)
-        h = h.flatten(1)
-        return self.critic(h).squeeze(1), self.classifier(h)
-
-
 def plain_iteration(G, D, opt_G, opt_D, x, y, critic_iters=5, lambda_gp=10.0):
     """How a straightforward WGAN-GP AC-GAN step is usually written."""
     for _ in range(critic_iters):
@@ -89,10 +68,8 @@ def main():
     steps = {}
     for name in ("plain", "ours"):
         torch.manual_seed(0)
-        if name == "plain":
-            G, D = PlainGenerator().to(dev), PlainCritic().to(dev)
-        else:
-            G, D = C.Generator().to(dev), C.Critic().to(dev)
+        # plain: the same networks without their speed branches (as with --plain-step)
+        G, D = C.Generator(fast=name == "ours").to(dev), C.Critic(fast=name == "ours").to(dev)
         opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9), dev) for m in (G, D))
         x = torch.rand(64, 1, 32, 32, device=dev) * 2 - 1
         y = torch.zeros(64, dtype=torch.long, device=dev)

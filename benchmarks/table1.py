@@ -41,7 +41,7 @@ import common as C  # noqa: E402
 COLUMNS = {
     "jt": ("JT (ours: cumulative)", "mergan_jtr.py", ["--mode", "jt"]),
     "sft": ("SFT", "mergan_jtr.py", ["--mode", "sft"]),
-    "ewc": ("EWC", "ewc_fewshot.py", ["--sequential"]),
+    "ewc": ("EWC", "mergan_jtr.py", ["--mode", "ewc"]),
     "jtr": ("MeRGAN-JTR", "mergan_jtr.py", []),
     "ra": ("MeRGAN-RA", "mergan_ra.py", []),
     "dgmw": ("DGM-w", "dgm.py", []),

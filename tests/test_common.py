@@ -318,6 +318,7 @@ def test_evaluator_reaches_high_accuracy_on_synth(synth_eval):
     assert C.accuracy(model, x, y) > 90.0
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_evaluator_cache_is_reused_and_corrupt_cache_retrains(synth_eval, tmp_path):
     args, model, acc, train, test = synth_eval
     logs = []
@@ -351,6 +352,7 @@ def test_generated_accuracy_with_known_generators(synth_eval):
     assert max(wrong.values()) < 10
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_reverse_accuracy_of_a_generator_of_real_images(synth_eval):
     _, _, _, train, test = synth_eval
     pools = {c: train.subset([c])[0] for c in range(10)}

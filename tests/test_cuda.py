@@ -34,7 +34,7 @@ def run(script, args, data_root, out):
     ("mergan_jtr.py", ["--mode", "sft", "--dim", "8"]),
     ("mergan_jtr.py", ["--mode", "jt", "--dim", "8"]),
     ("mergan_ra.py", ["--dim", "8"]),
-    ("ewc_fewshot.py", ["--sequential", "--dim", "8", "--fisher-samples", "8"]),
+    ("mergan_jtr.py", ["--mode", "ewc", "--dim", "8", "--fisher-samples", "8"]),
     ("dgm.py", ["--variant", "w"]),
     ("dgm.py", ["--variant", "a"]),
     ("mergan_jtr.py", ["--mode", "jtr", "--dim", "8", "--no-cuda-graphs"]),
@@ -62,7 +62,7 @@ def test_fewshot_runs_end_to_end_on_cuda(data_root, tmp_path):
     ("mergan_jtr.py", ["--mode", "jtr", "--dim", "16"]),
     ("mergan_jtr.py", ["--mode", "jt", "--dim", "16"]),
     ("mergan_ra.py", ["--dim", "16"]),
-    ("ewc_fewshot.py", ["--sequential", "--dim", "16", "--fisher-samples", "8"]),
+    ("mergan_jtr.py", ["--mode", "ewc", "--dim", "16", "--fisher-samples", "8"]),
     ("dgm.py", ["--variant", "w"]),
     ("dgm.py", ["--variant", "a"]),
 ])

@@ -40,6 +40,7 @@ def tiny_run(synth_eval, variant, tasks, iters, seed=0, extra=()):
 # ------------------------------------------------------------------------------------------
 # Masks and the annealed sigmoid
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 @pytest.mark.parametrize("variant,share", [("a", 1.0), ("w", 0.95)])
 def test_masks_are_binary_at_s_max_after_training(synth_eval, variant, share):
     """After two short tasks (40 iterations, s annealed to 0.8 s_max) the masks at s_max
@@ -204,8 +205,11 @@ def run_script(args, timeout=900):
 
 @pytest.mark.parametrize("variant,dataset,extra", [
     ("w", "synth", []), ("a", "synth", []),
-    ("w", "synth-color", ["--d-norm", "batch", "--keep-d"]),   # the authors' BN critic
-    ("a", "synth-color", ["--replay", "none"])])                # the forgetting baseline
+    # synth-color trains its own evaluator first (about a minute): slow tier
+    pytest.param("w", "synth-color", ["--d-norm", "batch", "--keep-d"],  # authors' BN critic
+                 marks=pytest.mark.slow),
+    pytest.param("a", "synth-color", ["--replay", "none"],  # the forgetting baseline
+                 marks=pytest.mark.slow)])
 def test_dgm_runs_end_to_end(variant, dataset, extra, data_root, tmp_path):
     out = tmp_path / "run"
     r = run_script(extra + ["--dataset", dataset, "--variant", variant, "--classes", "0,1",
@@ -225,6 +229,7 @@ def test_dgm_runs_end_to_end(variant, dataset, extra, data_root, tmp_path):
     assert "A_t" in r.stdout and "it/s" in r.stdout
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_dgm_runs_on_a_folder_dataset(image_folder, tmp_path):
     """`folder` (the ImageNet config: batch 70) on 3 x 12 synth-color images written as PNGs,
     at 32 px to keep the folder's evaluator cheap; 64 px is tested on the networks below."""
@@ -299,6 +304,7 @@ def test_user_mistakes_are_one_line_errors(data_root, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_replay_keeps_the_solver_far_above_the_no_replay_baseline(data_root, tmp_path):
     """The solver after task 2 of synth (class 0, then class 1; DGM-w, 300 iterations per
     task, CPU): with G's replays of class 0 it still recognises real 0s; trained only on the

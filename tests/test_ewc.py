@@ -1,5 +1,6 @@
 """EWC (ewc_fewshot.py): Fisher information, the penalty, adaptation under large and zero
-lambda, the evaluation measures, end-to-end few-shot and sequential runs, user errors."""
+lambda, the evaluation measures, end-to-end few-shot runs, user errors. (MeRGAN's sequential
+EWC baseline is `mergan_jtr.py --mode ewc`, tested in test_mergan.py.)"""
 import copy
 import json
 import os
@@ -202,6 +203,7 @@ def test_domains_convert_channels_and_folders_of_loose_images(tmp_path):
 # ------------------------------------------------------------------------------------------
 # End to end
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
     """All three stages on the offline pair with tiny budgets, every output written; a
     second call with --resume finds every stage done and reproduces the same results; a
@@ -259,58 +261,9 @@ def test_fewshot_to_a_folder_of_my_own_images(tmp_path, data_root):
     assert m["feature_net"].startswith("random-init evaluator")
 
 
-def test_sequential_ewc_writes_the_mergan_metrics(tmp_path, data_root):
-    """--sequential: two one-class tasks on the conditional digit GAN; metrics.json has the
-    fields every MeRGAN script writes, and the EWC state (F, theta) is in the checkpoint."""
-    out = tmp_path / "seq"
-    r = run_script("--sequential", "--dataset", "synth", "--classes", "0,1", "--iters", "12",
-                   "--dim", "8", "--fisher-samples", "16", "--eval-samples", "32",
-                   "--log-every", "6", "--data-root", data_root, "--out", str(out),
-                   "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    assert "ewc_penalty" in r.stdout
-    m = json.loads((out / "metrics.json").read_text())
-    for key in ("method", "dataset", "classes", "tasks", "acc_matrix", "avg_acc",
-                "forgetting", "avg_forgetting", "bwt", "evaluator_test_acc", "device",
-                "seconds", "args", "class_acc", "tasks_done"):
-        assert key in m, key
-    assert m["method"] == "ewc" and m["tasks_done"] == 2 and m["args"]["lambdas"] == [1e9]
-    ck = C.load_checkpoint(str(out / "checkpoint.pt"))
-    F_fc = ck["models"]["ewc"]["F_fc_weight"]
-    assert F_fc.shape == (4 * 4 * 32, 128) and float(F_fc.sum()) > 0
-    # the classes not yet seen have no Fisher in their conditional-BN rows
-    F_bn = ck["models"]["ewc"]["F_bns_0_scale"]
-    assert float(F_bn[2:].abs().sum()) == 0.0 and float(F_bn[:2].sum()) > 0
-
-
-def test_sequential_penalty_is_applied_from_the_second_task(synth_eval):
-    """After task 1, theta_1 and F_1 are stored; in task 2 the generator's parameters with
-    large Fisher move much less than with lambda = 0."""
-    import argparse
-    _, _, _, train, test = synth_eval
-    env = argparse.Namespace(device=torch.device("cpu"), train=train, test=test,
-                             tasks=[[0], [1]], n_classes=10, channels=1, image_size=32)
-    moves = {}
-    for lam in ("0", "1e9"):
-        args = E.parse_args(["--sequential", "--dataset", "synth", "--iters", "15",
-                             "--dim", "8", "--fisher-samples", "16", "--log-every", "100",
-                             "--ewc-lambda", lam])
-        torch.manual_seed(0)
-        G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
-        ewc = E.EWCState(G)
-        E.sequential_train_task(0, G, D, ewc, env, args)
-        theta1 = {k: v.clone() for k, v in ewc.get("theta_").items()}
-        assert all(torch.equal(theta1[k], p) for k, p in G.named_parameters())
-        E.sequential_train_task(1, G, D, ewc, env, args)
-        moves[lam] = float((G.fc.weight - theta1["fc.weight"]).norm()
-                           / theta1["fc.weight"].norm())
-    assert moves["1e9"] < 0.3 * moves["0"], moves
-
-
 def test_user_errors_are_one_line(tmp_path):
     cases = [(["--source", "nope"], "unknown dataset 'nope'"),
              (["--ewc-lambda", "a,b"], "--ewc-lambda must be comma-separated numbers"),
-             (["--sequential", "--ewc-lambda", "0,1"], "--sequential takes one"),
              (["--source", "synth", "--target", "synth-amber", "--shots", "0"],
               "--shots must be at least 1")]
     bad = tmp_path / "bad.pt"
@@ -324,6 +277,7 @@ def test_user_errors_are_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 @pytest.mark.parametrize("seed", [0])
 def test_ewc_keeps_diversity_that_fine_tuning_loses(tmp_path, data_root, seed):
     """The paper's claim on the offline pair synth -> synth-amber (same digit shapes, amber

@@ -1,5 +1,6 @@
-"""Tests of MeRGAN (mergan_jtr.py with its SFT / JT baselines, mergan_ra.py)."""
+"""Tests of MeRGAN (mergan_jtr.py with its SFT / EWC / JT baselines, mergan_ra.py)."""
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -114,7 +115,8 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
 
 @pytest.mark.parametrize("script, extra, method", [
     ("mergan_jtr.py", [], "mergan-jtr"), ("mergan_jtr.py", ["--mode", "sft"], "mergan-sft"),
-    ("mergan_jtr.py", ["--mode", "jt"], "mergan-jt"), ("mergan_ra.py", [], "mergan-ra")])
+    ("mergan_jtr.py", ["--mode", "jt"], "mergan-jt"), ("mergan_ra.py", [], "mergan-ra"),
+    ("mergan_jtr.py", ["--mode", "ewc", "--fisher-samples", "8"], "mergan-ewc")])
 def test_scripts_run_end_to_end_on_synth(script, extra, method, data_root, tmp_path):
     out = tmp_path / "run"
     r = run_script(script, *TINY, *extra, "--data-root", data_root, "--out", str(out))
@@ -128,6 +130,114 @@ def test_scripts_run_end_to_end_on_synth(script, extra, method, data_root, tmp_p
         assert (out / name).exists(), name
 
 
+def test_ewc_mode_checkpoints_fisher_and_anchor(data_root, tmp_path):
+    """--mode ewc: two one-class tasks; the EWC state (F, theta) is in the checkpoint, the
+    Fisher positive where task 1 trained and zero in the conditional-BN rows of the classes
+    not yet seen; the penalty shows in the progress line."""
+    out = tmp_path / "ewc"
+    r = run_script("mergan_jtr.py", "--mode", "ewc", "--dataset", "synth", "--classes", "0,1",
+                   "--iters", "12", "--dim", "8", "--fisher-samples", "16", "--eval-samples",
+                   "32", "--log-every", "6", "--data-root", data_root, "--out", str(out),
+                   "--device", "cpu")
+    assert "ewc_penalty" in r.stdout
+    m = json.load(open(out / "metrics.json"))
+    assert m["tasks_done"] == 2 and m["args"]["ewc_lambda"] == 1e9
+    ck = C.load_checkpoint(str(out / "checkpoint.pt"))
+    F_fc = ck["models"]["ewc"]["F_fc_weight"]
+    assert F_fc.shape == (4 * 4 * 32, 128) and float(F_fc.sum()) > 0
+    F_bn = ck["models"]["ewc"]["F_bns_0_scale"]
+    assert float(F_bn[2:].abs().sum()) == 0.0 and float(F_bn[:2].sum()) > 0
+
+
+def test_ewc_penalty_is_applied_from_the_second_task(synth_eval):
+    """After task 1, theta_1 and F_1 are stored; in task 2 the generator's parameters with
+    large Fisher move much less than with lambda = 0."""
+    _, _, _, train, test = synth_eval
+    env = argparse.Namespace(device=torch.device("cpu"), train=train, test=test,
+                             tasks=[[0], [1]], n_classes=10, channels=1, image_size=32)
+    moves = {}
+    for lam in ("0", "1e9"):
+        args = mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--iters", "15",
+                                      "--dim", "8", "--fisher-samples", "16", "--log-every",
+                                      "100", "--ewc-lambda", lam])
+        torch.manual_seed(0)
+        G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
+        ewc = mergan_jtr.EWCState(G)
+        mergan_jtr.train_task(0, G, D, env, args, ewc)
+        theta1 = {k: v.clone() for k, v in ewc.get("theta_").items()}
+        assert all(torch.equal(theta1[k], p) for k, p in G.named_parameters())
+        mergan_jtr.train_task(1, G, D, env, args, ewc)
+        moves[lam] = float((G.fc.weight - theta1["fc.weight"]).norm()
+                           / theta1["fc.weight"].norm())
+    assert moves["1e9"] < 0.3 * moves["0"], moves
+
+
+def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
+    """mergan_jtr's Fisher (per-sample squared gradients of D(G(z,c)) + log C(c|G(z,c)))
+    equals ewc_fewshot.fisher_information (which has its own known-answer test) given the
+    same log-likelihood and the same random draws."""
+    import ewc_fewshot
+    torch.manual_seed(0)
+    G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
+    classes = [0, 3]
+
+    def log_likelihood(G, m):
+        c = torch.as_tensor(classes)[torch.randint(len(classes), (m,))]
+        score, logits = D(G(torch.randn(m, G.nz), c))
+        return score + 0.5 * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+    torch.manual_seed(1)
+    mine = mergan_jtr.fisher_information(G, D, classes, 6, 0.5, batch=4)
+    torch.manual_seed(1)
+    ref = ewc_fewshot.fisher_information(G, log_likelihood, 6, batch=4)
+    for k in ref:
+        assert torch.allclose(mine[k], ref[k], rtol=1e-5, atol=1e-12), k
+    assert float(mine["fc.weight"].sum()) > 0
+
+
+@pytest.mark.parametrize("script", ["jtr", "ra"])
+def test_plain_step_gives_the_speed_branches_numbers(script):
+    """--plain-step (autograd's gradient penalty, nn.Conv2d / nn.ConvTranspose2d) against
+    the default speed branches (written-out input gradient, space-to-depth convolutions):
+    one critic step and one generator step from the same weights and random draws give the
+    same losses and the same gradients of every weight, to float rounding. (Weights after
+    several Adam steps are no test: Adam turns a rounding-size change of a near-zero
+    gradient into a full lr-size step.)"""
+    module = {"jtr": mergan_jtr, "ra": mergan_ra}[script]
+    args = module.parse_args(["--dataset", "synth", "--dim", "8"])
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 32, 32) * 2 - 1
+    y = torch.randint(0, 3, (16,))
+    out = {}
+    for plain in (False, True):
+        torch.manual_seed(1)  # the same initial weights for both
+        G, D = C.mergan_networks("dcgan", 1, 10, 8, 32, fast=not plain,
+                                 critic_classes=10 if script == "jtr" else None)
+        opt_G, opt_D = (torch.optim.SGD(m.parameters(), lr=0.0) for m in (G, D))  # no move
+        torch.manual_seed(2)  # the same noise and interpolation weights for both
+        if script == "jtr":
+            d_loss = mergan_jtr.critic_step(G, D, opt_D, x, y, len(y), args)[0]
+            grads = {"D." + k: p.grad.clone() for k, p in D.named_parameters()}
+            g_loss = mergan_jtr.generator_step(G, D, opt_G, y, args)[0]
+        else:
+            d_loss = mergan_ra.critic_step(G, D, opt_D, x, y, args)
+            grads = {"D." + k: p.grad.clone() for k, p in D.named_parameters()}
+            G_prev = copy.deepcopy(G).requires_grad_(False)
+            g_loss = mergan_ra.generator_step(G, G_prev, D, opt_G, y, torch.tensor([0, 1]),
+                                              args)[0]
+        grads.update({"G." + k: p.grad.clone() for k, p in G.named_parameters()})
+        out[plain] = (float(d_loss), float(g_loss), grads)
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
+    # per weight tensor: |difference| <= 1e-4 |gradient| + 1e-6. The 1e-6 is for the
+    # tensors whose exact gradient is 0 (the critic's bias, which E[D(fake)] - E[D(real)]
+    # cancels; a conv bias followed by batch norm): both forms give rounding noise there.
+    bad = {k: (float((out[True][2][k] - g).norm()), float(g.norm()))
+           for k, g in out[False][2].items()
+           if (out[True][2][k] - g).norm() > 1e-4 * g.norm() + 1e-6}
+    assert not bad, bad
+
+
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_scripts_run_on_a_folder_dataset(image_folder, tmp_path):
     """`folder`: one sub-folder of images per class (here 3 x 12 synth-color images as PNG)."""
     for script in ("mergan_jtr.py", "mergan_ra.py"):
@@ -197,6 +307,7 @@ def test_divergence_in_a_later_task_keeps_the_last_good_checkpoint(data_root, tm
     assert all(open(tmp_path / f, "rb").read() == b for f, b in saved.items())
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_sft_forgets_the_first_class_while_ra_and_jtr_keep_it(data_root, tmp_path):
     """The demo's budget (2 tasks: class 0 then 1; 200 iterations per task, width 16, lr
     1e-3, 320 samples per class): about 6 minutes on 2 CPU cores for the three runs.
@@ -262,6 +373,7 @@ def test_lsun_loader_reads_lmdb_and_caches(lsun_root):
         C.load_dataset("lsun", lsun_root, train=True, image_size=32)
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_scripts_run_the_lsun_setting_with_table2_metrics(lsun_root, tmp_path):
     """Both scripts on (miniature) LSUN with the ResNet nets; the run ends with Acc, Rev acc
     and the Frechet distance, beside the paper's Table 2."""

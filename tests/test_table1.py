@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import imageio.v2 as imageio
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "benchmarks", "table1.py")
@@ -20,6 +21,7 @@ def table(data_root, out, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_path):
     out = tmp_path / "t1"
     res = table(data_root, out, "--jobs", "2")
@@ -50,6 +52,7 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
         assert open(out / f"{col}.log").read().count("$ ") == 1  # launched once only
 
 
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_table_resumes_an_interrupted_run(data_root, tmp_path):
     out = tmp_path / "t1"
     # an SFT run of this table, stopped after its first task
