@@ -202,11 +202,12 @@ class DGMGenerator(nn.Module):
 
     @torch.no_grad()
     def expand(self, new):
-        """Dynamic network expansion (DGM's growth step): add as much as was newly reserved, so that
-        the free capacity stays constant. DGM-a: n_new output units per layer. DGM-w (authors'
-        `extand`): ceil(n_new / (fan_in * 4 * 4)) output channels, after counting the weights
-        that the previous layer's new channels already add as inputs. New weights are
-        N(0, 0.02); they are free (M = 0); earlier tasks never see them (caps)."""
+        """Dynamic network expansion (DGM's growth step): add as much as was newly reserved,
+        so that the free capacity stays constant. DGM-a: n_new output units per layer.
+        DGM-w (authors' `extand`): ceil(n_new / (fan_in * 4 * 4)) output channels, after
+        counting the weights that the previous layer's new channels already add as inputs.
+        New weights are N(0, 0.02); they are free (M = 0); earlier tasks never see them
+        (caps)."""
         add_in = 0
         for l, n_new in enumerate(new):
             w = self.weights[l]
@@ -270,7 +271,7 @@ class DGMGenerator(nn.Module):
             c_in = c_out
         return torch.tanh(self.outs[t](h))
 
-    # --- size, checkpoints ----------------------------------------------------------------
+    # --- size, checkpoints (the rebuilding itself: rebuild_structure, below) -----------
     def size(self):
         shared = sum(w.numel() for w in self.weights)
         total = sum(p.numel() for p in self.parameters())
@@ -280,7 +281,7 @@ class DGMGenerator(nn.Module):
                 "free_fraction": 1 - sum(reserved) / sum(self.reserved(l).numel()
                                                           for l in range(len(self.widths)))}
 
-    def get_extra_state(self):
+    def get_extra_state(self):  # saved with the weights: the structure to rebuild
         return {"widths": list(self.widths), "caps": [list(c) for c in self.caps]}
 
     def set_extra_state(self, state):
@@ -288,26 +289,34 @@ class DGMGenerator(nn.Module):
 
     def load_state_dict(self, state, strict=True):
         """A grown network cannot take its state into the layers it started with: rebuild
-        the structure (widths, tasks) stored in the checkpoint first, then load."""
-        structure = state["_extra_state"]
-        dev = self.weights[0].device
-        self.caps, self.widths = [], list(structure["widths"])
-        ins = [self.nz] + self.widths[:-1]
-        for l, (i, o) in enumerate(zip(ins, self.widths)):
-            self.weights[l] = nn.Parameter(torch.empty(i, o, 4, 4, device=dev))
-            setattr(self, f"reserved_{l}", torch.zeros(self.mask_shape(l), device=dev))
-        self.emb = nn.ModuleList([nn.ParameterList() for _ in self.widths])
-        self.bns, self.outs = nn.ModuleList(), nn.ModuleList()
-        for cap in structure["caps"]:  # re-open every task at the widths it had
-            for l in range(len(cap)):  # shapes of that time (weights are not touched)
-                i = self.nz if l == 0 else cap[l - 1]
-                shape = (i, cap[l], 4, 4) if self.variant == "w" else (cap[l],)
-                self.emb[l].append(nn.Parameter(torch.zeros(shape, device=dev)))
-            self.caps.append(list(cap))
-            self.bns.append(nn.ModuleList([nn.BatchNorm2d(w) for w in cap]).to(dev))
-            self.outs.append(nn.ConvTranspose2d(cap[-1], self.channels, 4, 2, 1,
-                                                bias=False).to(dev))
+        the structure stored in the checkpoint first (`rebuild_structure`), then load."""
+        rebuild_structure(self, state["_extra_state"])
         return super().load_state_dict(state, strict)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints of the growing generator
+# ------------------------------------------------------------------------------------------
+def rebuild_structure(G, structure):
+    """Checkpoint plumbing of the growing generator: give G the widths and the tasks
+    (`caps`) that a checkpoint was saved with, with empty tensors of those shapes, so that
+    `load_state_dict` can fill them in."""
+    dev = G.weights[0].device
+    G.caps, G.widths = [], list(structure["widths"])
+    ins = [G.nz] + G.widths[:-1]
+    for l, (i, o) in enumerate(zip(ins, G.widths)):
+        G.weights[l] = nn.Parameter(torch.empty(i, o, 4, 4, device=dev))
+        setattr(G, f"reserved_{l}", torch.zeros(G.mask_shape(l), device=dev))
+    G.emb = nn.ModuleList([nn.ParameterList() for _ in G.widths])
+    G.bns, G.outs = nn.ModuleList(), nn.ModuleList()
+    for cap in structure["caps"]:  # re-open every task at the widths it had
+        for l in range(len(cap)):  # shapes of that time (weights are not touched)
+            i = G.nz if l == 0 else cap[l - 1]
+            shape = (i, cap[l], 4, 4) if G.variant == "w" else (cap[l],)
+            G.emb[l].append(nn.Parameter(torch.zeros(shape, device=dev)))
+        G.caps.append(list(cap))
+        G.bns.append(nn.ModuleList([nn.BatchNorm2d(w) for w in cap]).to(dev))
+        G.outs.append(nn.ConvTranspose2d(cap[-1], G.channels, 4, 2, 1, bias=False).to(dev))
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ weight to its source value, weighted by how much the source model relies on it:
 Every lambda in --ewc-lambda is adapted from the same source, Fisher and K images; lambda 0
 is plain fine-tuning, the baseline. The paper's lambda = 5e8 is tied to the scale of its
 StyleGAN's Fisher values; on our DCGANs (Fisher mean ~2e-4) it pins the generator to the
-source, and the default is 1e5, chosen by the sweep in docs/ewc_fewshot.md. The run ends with a side-by-side grid (targets, fine-
-tuning, EWC), a table of Frechet distance to the full target set and intra-cluster
-diversity, and the per-layer weight change rate of the paper's Section 3.1.
+source, and the default is 1e5, chosen by the sweep in docs/ewc_fewshot.md. The run ends
+with a side-by-side grid (targets, fine-tuning, EWC), a table of Frechet distance to the
+full target set and intra-cluster diversity, and the per-layer weight change rate of the
+paper's Section 3.1.
 
     python ewc_fewshot.py                                   # MNIST -> SVHN, 10 shots (download)
     python ewc_fewshot.py --source synth --target synth-amber --dim 32 --source-iters 1500 \

@@ -1,4 +1,4 @@
-"""MeRGAN-JTR: Memory Replay GAN, joint training with replay — plus the SFT, EWC and JT baselines.
+"""MeRGAN-JTR: Memory Replay GAN, joint training with replay; plus the SFT, EWC, JT baselines.
 
 Paper: C. Wu, L. Herranz, X. Liu, Y. Wang, J. van de Weijer, B. Raducanu,
 "Memory Replay GANs: learning to generate images from new categories without forgetting",
