@@ -40,7 +40,6 @@ def tiny_run(synth_eval, variant, tasks, iters, seed=0, extra=()):
 # ------------------------------------------------------------------------------------------
 # Masks and the annealed sigmoid
 # ------------------------------------------------------------------------------------------
-@pytest.mark.slow  # the slow tier: python -m pytest -m slow
 @pytest.mark.parametrize("variant,share", [("a", 1.0), ("w", 0.95)])
 def test_masks_are_binary_at_s_max_after_training(synth_eval, variant, share):
     """After two short tasks (40 iterations, s annealed to 0.8 s_max) the masks at s_max
