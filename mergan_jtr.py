@@ -58,6 +58,16 @@ def parse_args(argv=None):
                    "step (paper: 5)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
+    p.add_argument("--jtr-weighting", default="per-class", choices=["per-class", "batch"],
+                   help="--mode jtr: how the losses weigh the classes of the joined batch; "
+                        "per-class (the authors' code): each class's mean, summed, so every "
+                        "earlier class weighs as much as the current one; batch: the mean "
+                        "over the joined batch (the current class about half of it)")
+    p.add_argument("--reduce-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="the authors' REDUCE_BATCH (default: on for the digit nets, off for "
+                        "the 64x64 LSUN nets, as they run): on, each earlier class gets "
+                        "batch // K replays; off, a whole batch each, and per-class JTR "
+                        "weighs the K earlier classes 1/K each")
     p.add_argument("--ewc-lambda", type=float, default=1e9, help="--mode ewc: lambda_EWC "
                    "of Eq. (9) (paper: 1e9)")
     p.add_argument("--fisher-samples", type=int, default=1000, help="--mode ewc: generated "
@@ -91,6 +101,8 @@ def parse_args(argv=None):
         args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
     if args.final_metrics is None:
         args.final_metrics = args.dataset == "lsun"
+    if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
+        args.reduce_batch = args.arch == "dcgan"
     if args.fisher_samples < 2:
         raise C.UserError("--fisher-samples must be at least 2")
     if args.ewc_lambda < 0:
@@ -102,28 +114,57 @@ def parse_args(argv=None):
 # Memory replay
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def replay_batch(G_prev, prev_classes, batch_size, nz, device):
+def replay_batch(G_prev, prev_classes, batch_size, nz, device, reduce_batch=True):
     """One replayed minibatch covering all earlier classes, drawn from the frozen G_{t-1}:
-    batch_size // n_prev samples per earlier class, as in the authors' code. Conditional
-    BN uses per-class statistics, so this equals one single-class batch per class."""
-    per = max(1, batch_size // len(prev_classes))
+    batch_size // n_prev samples per earlier class (the authors' digits, REDUCE_BATCH on),
+    or batch_size each (their LSUN setting, reduce_batch=False). Conditional BN uses
+    per-class statistics, so this equals one single-class batch per class."""
+    per = max(1, batch_size // len(prev_classes)) if reduce_batch else batch_size
     # as_tensor: a label tensor already on the device is used as is (no copy per step)
     y = torch.as_tensor(prev_classes, device=device).repeat_interleave(per)
     return G_prev(torch.randn(len(y), nz, device=device), y), y
 
 
-def training_batch(train, task, prev, prev_y, G_prev, mode, batch_size, nz):
+def training_batch(train, task, prev, prev_y, G_prev, mode, batch_size, nz,
+                   reduce_batch=True):
     """S'_t (Eq. 10): a real batch of the current task, joined by one batch of earlier
     classes: replays from G_{t-1} (JTR), real images (JT), or nothing (SFT, Eqs. 7-8).
     prev: the earlier classes (a list); prev_y: the same as a tensor on the device."""
     x, y = train.batch(batch_size, task)
     if mode == "jtr" and prev:
-        xr, yr = replay_batch(G_prev, prev_y, batch_size, nz, x.device)
+        xr, yr = replay_batch(G_prev, prev_y, batch_size, nz, x.device, reduce_batch)
     elif mode == "jt" and prev:
         xr, yr = train.batch(batch_size, prev)
     else:
         return x, y
     return torch.cat([x, xr]), torch.cat([y, yr])
+
+
+def class_weights(n_cur, y_replay, earlier_scale=1.0):
+    """Row weights of JTR's per-class losses (the authors' mergan.py, about lines 291-326)
+    for a joined batch of n_cur current rows followed by replays labelled y_replay:
+    sum_rows w * loss_row = the current task's mean + earlier_scale * (sum over earlier
+    classes c of the mean over c's rows). Each earlier class then weighs as much as the
+    current task (earlier_scale 1, the authors' digits) or all of them together as much
+    (1/K, their LSUN setting)."""
+    count = torch.bincount(y_replay).to(torch.float32)
+    return torch.cat([torch.full((n_cur,), 1.0 / n_cur), earlier_scale / count[y_replay]])
+
+
+def jtr_weights(args, prev, device):
+    """The row weights of task t's joined batches (None: plain batch means): JTR with
+    --jtr-weighting per-class and earlier classes to replay."""
+    if args.mode != "jtr" or not prev or args.jtr_weighting != "per-class":
+        return None
+    per = max(1, args.batch_size // len(prev)) if args.reduce_batch else args.batch_size
+    scale = 1.0 if args.reduce_batch else 1.0 / len(prev)  # the authors' REDUCE_BATCH
+    return class_weights(args.batch_size, torch.tensor(prev).repeat_interleave(per),
+                         scale).to(device)
+
+
+def weighted_mean(values, w):
+    """values.mean() (w None) or the weighted sum of the per-class losses."""
+    return values.mean() if w is None else (w * values).sum()
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,12 +218,13 @@ def fisher_information(G, D, classes, n, lambda_cls, batch=50):
 # ------------------------------------------------------------------------------------------
 # One training iteration: critic steps, then a generator step
 # ------------------------------------------------------------------------------------------
-def critic_step(G, D, opt_D, x, y, n_cur, args):
+def critic_step(G, D, opt_D, x, y, n_cur, args, w=None):
     """One critic/classifier update on the (extended) real batch x, y.
 
     The first n_cur rows of x are the current task's real images; the rest are replays
     (JTR) or earlier classes' real images (JT). Replays count as real data for the critic
-    and the classifier; the gradient penalty uses the current task's rows only (authors)."""
+    and the classifier; the gradient penalty uses the current task's rows only (authors).
+    w: None (means over the batch) or JTR's per-class row weights (`class_weights`)."""
     with torch.no_grad():  # the fake batch needs no graph in a critic step
         fake = G(torch.randn(len(y), G.nz, device=x.device), y)
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
@@ -192,8 +234,12 @@ def critic_step(G, D, opt_D, x, y, n_cur, args):
     # at about two thirds of the cost (common.Critic.input_gradient, tested equal).
     fast_grad = D.input_gradient if getattr(D, "fast", False) else None
     gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur], fast_grad)
-    loss_gan = s_fake.mean() - s_real.mean() + args.lambda_gp * gp  # Eq. (5): WGAN-GP critic
-    loss_cls = F.cross_entropy(logits[:len(y)], y)                   # Eq. (6): AC on real data
+    if w is None:
+        loss_gan = s_fake.mean() - s_real.mean() + args.lambda_gp * gp  # Eq. (5): WGAN-GP
+        loss_cls = F.cross_entropy(logits[:len(y)], y)                   # Eq. (6): AC, real
+    else:  # Eq. (11): the same losses on S'_t, per-class means summed (authors)
+        loss_gan = weighted_mean(s_fake - s_real, w) + args.lambda_gp * gp
+        loss_cls = weighted_mean(F.cross_entropy(logits[:len(y)], y, reduction="none"), w)
     loss = loss_gan + args.lambda_cls * loss_cls
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -201,13 +247,17 @@ def critic_step(G, D, opt_D, x, y, n_cur, args):
     return loss_gan.detach(), loss_cls.detach()
 
 
-def generator_step(G, D, opt_G, y, args, penalty=None):
+def generator_step(G, D, opt_G, y, args, penalty=None, w=None):
     """One generator update for labels y (current task + replayed classes); `penalty`:
-    --mode ewc's Eq. (9) term from the second task on, else None."""
+    --mode ewc's Eq. (9) term from the second task on, else None; w as in critic_step."""
     D.requires_grad_(False)  # no weight gradients for D in the generator step
     score, logits = D(G(torch.randn(len(y), G.nz, device=y.device), y))
-    loss_gan = -score.mean()                      # Eq. (2): WGAN generator loss
-    loss_cls = F.cross_entropy(logits, y)         # Eq. (3): AC loss on generated images
+    if w is None:
+        loss_gan = -score.mean()                  # Eq. (2): WGAN generator loss
+        loss_cls = F.cross_entropy(logits, y)     # Eq. (3): AC loss on generated images
+    else:  # Eq. (11): per-class means summed (authors)
+        loss_gan = -weighted_mean(score, w)
+        loss_cls = weighted_mean(F.cross_entropy(logits, y, reduction="none"), w)
     loss = loss_gan + args.lambda_cls * loss_cls
     pen = torch.zeros((), device=y.device)
     if penalty is not None:
@@ -229,6 +279,7 @@ def train_task(t, G, D, env, args, ewc=None):
     # Eq. (10): the frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if args.mode == "jtr" and prev else None
     prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
+    w = jtr_weights(args, prev, env.device)  # JTR: the authors' per-class means, summed
     penalty = None
     if args.mode == "ewc" and t > 0:  # Eq. (9), from the second task on
         fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
@@ -237,9 +288,9 @@ def train_task(t, G, D, env, args, ewc=None):
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
         for _ in range(args.critic_iters):
             x, y = training_batch(env.train, task, prev, prev_y, G_prev, args.mode,
-                                  args.batch_size, G.nz)
-            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args)
-        g_gan, g_cls, pen = generator_step(G, D, opt_G, y, args, penalty)
+                                  args.batch_size, G.nz, args.reduce_batch)
+            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args, w)
+        g_gan, g_cls, pen = generator_step(G, D, opt_G, y, args, penalty, w)
         losses = {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
         return dict(losses, ewc_penalty=pen) if args.mode == "ewc" else losses
 

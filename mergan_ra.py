@@ -4,11 +4,13 @@ Paper: C. Wu, L. Herranz, X. Liu, Y. Wang, J. van de Weijer, B. Raducanu,
 "Memory Replay GANs: learning to generate images from new categories without forgetting",
 NeurIPS 2018 (arXiv:1809.02058), Section 3.2. Docs: docs/mergan.md.
 
-A conditional WGAN-GP learns one class per task. Before each task a frozen copy of the
-generator, G_{t-1}, is kept. The critic sees the current task only; the generator is trained
-adversarially on the current task and, for every earlier class, is asked to draw the same
-image as G_{t-1} for the same noise z and label c: a pixel-wise L2 "replay alignment"
-(Eqs. 12-13). No data of earlier tasks, real or generated, reaches the critic.
+A conditional WGAN-GP (with the AC classifier head, as the authors' code keeps it) learns
+one class per task. Before each task a frozen copy of the generator, G_{t-1}, is kept. The
+critic sees the current task only; the generator is trained adversarially on the current
+task and, for every earlier class, is asked to draw the same image as G_{t-1} for the same
+noise z and label c: a pixel-wise L2 "replay alignment" (Sec. 3.2; the equation numbers of
+the paper could not be checked offline, so the code names the term). No data of earlier
+tasks, real or generated, reaches the critic.
 
     python mergan_ra.py --dataset mnist                   # MeRGAN-RA, Table 1 (lambda_RA 1e-3)
     python mergan_ra.py --dataset svhn                    # lambda_RA 1e-2, 8001 iters/task
@@ -19,6 +21,7 @@ import argparse
 import copy
 
 import torch
+import torch.nn.functional as F
 
 import common as C
 
@@ -33,9 +36,22 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
     p.add_argument("--lambda-ra", type=float, default=None,
-                   help="weight of the replay alignment loss, Eq. (12), with the authors' "
-                        "normalisation (1/2 sum of squares / number of earlier classes); "
-                        "default 1e-3, 1e-2 on svhn and synth-color (paper)")
+                   help="weight of the replay alignment loss, with the authors' "
+                        "normalisation (1/2 sum of squares, / number of earlier classes "
+                        "with --reduce-batch); default 1e-3, 1e-2 on svhn and synth-color "
+                        "(the authors' train.sh)")
+    p.add_argument("--ra-classifier", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the AC classifier head, as the authors' code does: D also "
+                        "learns CE on the current real images, G CE on its current fakes "
+                        "(Eqs. 3, 6; default); --no-ra-classifier: the critic alone, as "
+                        "the paper's text reads")
+    p.add_argument("--lambda-cls", type=float, default=1.0, help="weight of the AC losses "
+                   "with --ra-classifier (authors: 1)")
+    p.add_argument("--reduce-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="the authors' REDUCE_BATCH (default: on for the digit nets, off for "
+                        "the 64x64 LSUN nets, as they run): on, batch // K aligned samples "
+                        "per earlier class and the alignment divided by K; off, a whole "
+                        "batch per earlier class, not divided")
     p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight "
                    "in Eq. (5) (paper: 10)")
     p.add_argument("--critic-iters", type=int, default=5, help="critic steps per generator "
@@ -70,6 +86,8 @@ def parse_args(argv=None):
         args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
     if args.final_metrics is None:
         args.final_metrics = args.dataset == "lsun"
+    if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
+        args.reduce_batch = args.arch == "dcgan"
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3
     return args
@@ -78,17 +96,21 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------
 # Replay alignment
 # ------------------------------------------------------------------------------------------
-def replay_alignment(x_now, x_prev, n_prev):
-    """Eq. (13): E ||G_t(z, c) - G_{t-1}(z, c)||^2 over earlier classes c, same z for both.
+def replay_alignment(x_now, x_prev, n_prev, reduce_batch=True):
+    """The replay alignment loss (Sec. 3.2): E ||G_t(z, c) - G_{t-1}(z, c)||^2 over earlier
+    classes c, the same z for both generators.
 
-    Normalised as in the authors' code, for which lambda_RA was tuned: TF's l2_loss
-    (1/2 * sum over pixels and batch) divided by the number of earlier classes."""
-    return 0.5 * (x_now - x_prev).square().sum() / n_prev
+    Normalised as in the authors' code (mergan.py, about lines 275-281), for which lambda_RA
+    was tuned: TF's l2_loss (1/2 * sum over pixels and batch), divided by the number of
+    earlier classes with REDUCE_BATCH (their digits) and not divided without (LSUN)."""
+    l2 = 0.5 * (x_now - x_prev).square().sum()
+    return l2 / n_prev if reduce_batch else l2
 
 
-def alignment_batch(prev_classes, batch_size, nz, device):
-    """Noise and labels for the alignment term: batch_size // n_prev per earlier class."""
-    per = max(1, batch_size // len(prev_classes))
+def alignment_batch(prev_classes, batch_size, nz, device, reduce_batch=True):
+    """Noise and labels for the alignment term: batch_size // n_prev per earlier class
+    (REDUCE_BATCH, the authors' digits) or batch_size each (their LSUN setting)."""
+    per = max(1, batch_size // len(prev_classes)) if reduce_batch else batch_size
     # as_tensor: a label tensor already on the device is used as is (no copy per step)
     y = torch.as_tensor(prev_classes, device=device).repeat_interleave(per)
     return torch.randn(len(y), nz, device=device), y
@@ -98,16 +120,19 @@ def alignment_batch(prev_classes, batch_size, nz, device):
 # One training iteration: critic steps on the current task, then a generator step
 # ------------------------------------------------------------------------------------------
 def critic_step(G, D, opt_D, x, y, args):
-    """WGAN-GP critic update on the current task only (no classifier in RA)."""
+    """WGAN-GP critic update on the current task only; with --ra-classifier (authors) also
+    the AC classifier's CE on the current real images."""
     with torch.no_grad():  # the fake batch needs no graph in a critic step
         fake = G(torch.randn(len(y), G.nz, device=x.device), y)
-    score = D(torch.cat([x, fake]))[0]             # one pass: the critic has no batch norm
+    score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
     # BRANCH (the digit critic by default): its input gradient written out, the same value
     # at about two thirds of the cost (common.Critic.input_gradient, tested equal).
     fast_grad = D.input_gradient if getattr(D, "fast", False) else None
     gp = C.gradient_penalty(lambda v: D(v)[0], x, fake, fast_grad)
     loss = score[len(y):].mean() - score[:len(y)].mean() + args.lambda_gp * gp  # Eq. (5)
+    if logits is not None:  # --ra-classifier: Eq. (6), AC loss on the current real images
+        loss = loss + args.lambda_cls * F.cross_entropy(logits[:len(y)], y)
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
     opt_D.step()
@@ -115,22 +140,27 @@ def critic_step(G, D, opt_D, x, y, args):
 
 
 def generator_step(G, G_prev, D, opt_G, y, prev, args):
-    """Adversarial loss on the current task + lambda_RA * replay alignment (Eq. 12)."""
+    """Adversarial loss on the current task (+ the AC loss on its fakes, --ra-classifier)
+    + lambda_RA * replay alignment on the earlier classes (Sec. 3.2)."""
     z = torch.randn(len(y), G.nz, device=y.device)
     if G_prev is None:  # first task: a plain conditional WGAN-GP generator step
         z_all, y_all = z, y
     else:
-        z_ra, y_ra = alignment_batch(prev, len(y), G.nz, y.device)
+        z_ra, y_ra = alignment_batch(prev, len(y), G.nz, y.device, args.reduce_batch)
         z_all, y_all = torch.cat([z, z_ra]), torch.cat([y, y_ra])
     x = G(z_all, y_all)     # per-class BN statistics: same as separate calls per class
     D.requires_grad_(False)  # no weight gradients for D in the generator step
-    loss_gan = -D(x[:len(y)])[0].mean()                                    # Eq. (2)
+    score, logits = D(x[:len(y)])
+    loss_gan = -score.mean()                                               # Eq. (2)
+    loss = loss_gan
+    if logits is not None:  # --ra-classifier: Eq. (3), AC loss on the current fakes
+        loss = loss + args.lambda_cls * F.cross_entropy(logits, y)
     loss_ra = torch.zeros((), device=y.device)
     if G_prev is not None:
         with torch.no_grad():
             x_prev = G_prev(z_ra, y_ra)  # the frozen generator: no gradient reaches it
-        loss_ra = replay_alignment(x[len(y):], x_prev, len(prev))          # Eq. (13)
-    loss = loss_gan + args.lambda_ra * loss_ra                             # Eq. (12)
+        loss_ra = replay_alignment(x[len(y):], x_prev, len(prev), args.reduce_batch)
+    loss = loss + args.lambda_ra * loss_ra  # RA's generator loss (Sec. 3.2)
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     opt_G.step()
@@ -166,15 +196,15 @@ def main(argv=None):
     args = parse_args(argv)
     env = C.setup(args, "mergan_ra")  # device, seed, data on the device, tasks, evaluator
     G, D = C.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
-                             env.image_size, critic_classes=None,
-                             fast=not args.plain_step)  # critic only, no classifier
+                             env.image_size, fast=not args.plain_step,
+                             critic_classes=env.n_classes if args.ra_classifier else None)
     G, D = G.to(env.device), D.to(env.device)
     default_protocol = args.classes is None and args.classes_per_task == 1
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
     run = C.TaskRun(args, env, "mergan-ra", {"G": G, "D": D}, generate=G)
     for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
-        train_task(t, G, D, env, args)  # G_{t-1} frozen inside; replay alignment, Eq. (12)
+        train_task(t, G, D, env, args)  # G_{t-1} frozen inside; replay alignment
         run.end_task(t)  # Acc of every class seen (row t of R), sample grid, checkpoint
     metrics = run.finish(paper=PAPER.get(args.dataset) if default_protocol else None)
     if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows

@@ -116,7 +116,9 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
 @pytest.mark.parametrize("script, extra, method", [
     ("mergan_jtr.py", [], "mergan-jtr"), ("mergan_jtr.py", ["--mode", "sft"], "mergan-sft"),
     ("mergan_jtr.py", ["--mode", "jt"], "mergan-jt"), ("mergan_ra.py", [], "mergan-ra"),
-    ("mergan_jtr.py", ["--mode", "ewc", "--fisher-samples", "8"], "mergan-ewc")])
+    ("mergan_jtr.py", ["--mode", "ewc", "--fisher-samples", "8"], "mergan-ewc"),
+    ("mergan_ra.py", ["--no-ra-classifier"], "mergan-ra"),
+    ("mergan_jtr.py", ["--jtr-weighting", "batch"], "mergan-jtr")])
 def test_scripts_run_end_to_end_on_synth(script, extra, method, data_root, tmp_path):
     out = tmp_path / "run"
     r = run_script(script, *TINY, *extra, "--data-root", data_root, "--out", str(out))
@@ -401,3 +403,72 @@ def test_arch_and_defaults_follow_the_image_size():
     assert (a.arch, a.dim, a.final_metrics) == ("resnet", 64, False)
     a = mergan_jtr.parse_args(["--dataset", "folder", "--image-size", "32"])
     assert a.arch == "dcgan"
+
+
+# ---------------------------------------------------------------- the authors' weightings
+def test_jtr_per_class_weighting_is_the_authors_sum_of_class_means():
+    """mergan.py (about lines 291-326): the current task's mean plus, for every earlier
+    class, the mean over its replayed rows; without REDUCE_BATCH (LSUN) the earlier
+    classes' sum is divided by K."""
+    torch.manual_seed(0)
+    y_rep = torch.tensor([0, 0, 1, 1, 1, 2])    # 2, 3 and 1 replays of classes 0, 1, 2
+    v = torch.randn(4 + len(y_rep))             # a per-row loss; rows 0-3: current task
+    want = v[:4].mean() + v[4:6].mean() + v[6:9].mean() + v[9:].mean()
+    w = mergan_jtr.class_weights(4, y_rep)
+    assert float(mergan_jtr.weighted_mean(v, w)) == pytest.approx(float(want), rel=1e-6)
+    w = mergan_jtr.class_weights(4, y_rep, earlier_scale=1 / 3)
+    want = v[:4].mean() + (v[4:6].mean() + v[6:9].mean() + v[9:].mean()) / 3
+    assert float(mergan_jtr.weighted_mean(v, w)) == pytest.approx(float(want), rel=1e-6)
+    # the weights of a task: as many as the rows of the joined batch, in the same order
+    args = mergan_jtr.parse_args(["--dataset", "synth"])
+    w = mergan_jtr.jtr_weights(args, [0, 1, 2], torch.device("cpu"))
+    _, y = mergan_jtr.replay_batch(LabelPainter(), torch.tensor([0, 1, 2]), 64, 4,
+                                   torch.device("cpu"))
+    assert len(w) == 64 + len(y) == 64 + 63
+    assert torch.allclose(w[64:], torch.full((63,), 1 / 21)) and float(w.sum()) == \
+        pytest.approx(4.0)  # the current task and 3 earlier classes, 1 each
+    assert mergan_jtr.jtr_weights(mergan_jtr.parse_args(["--dataset", "synth",
+                                                         "--jtr-weighting", "batch"]),
+                                  [0, 1, 2], torch.device("cpu")) is None
+
+
+def test_reduce_batch_follows_the_authors_per_dataset():
+    """REDUCE_BATCH: on for the digit nets (64 // K samples per earlier class, RA divided
+    by K), off for the 64x64 LSUN nets (64 each, RA not divided; JTR's earlier classes
+    weighted 1/K)."""
+    for script in (mergan_jtr, mergan_ra):
+        assert script.parse_args(["--dataset", "mnist"]).reduce_batch is True
+        assert script.parse_args(["--dataset", "lsun"]).reduce_batch is False
+    dev = torch.device("cpu")
+    _, y = mergan_ra.alignment_batch([0, 1, 2], 64, 8, dev, reduce_batch=False)
+    assert torch.bincount(y).tolist() == [64, 64, 64]
+    _, y = mergan_jtr.replay_batch(LabelPainter(), torch.tensor([0, 1, 2]), 64, 4, dev,
+                                   reduce_batch=False)
+    assert torch.bincount(y).tolist() == [64, 64, 64]
+    a, b = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)  # 8 squared differences of 1
+    assert float(mergan_ra.replay_alignment(b, a, 4)) == 1.0          # 1/2 * 8 / 4
+    assert float(mergan_ra.replay_alignment(b, a, 4, reduce_batch=False)) == 4.0
+    args = mergan_jtr.parse_args(["--dataset", "lsun"])
+    w = mergan_jtr.jtr_weights(args, [0, 1], dev)
+    assert len(w) == 64 + 128 and float(w[64:].sum()) == pytest.approx(1.0)
+
+
+def test_ra_keeps_the_classifier_head_as_the_authors_code():
+    """--ra-classifier (default): D learns CE on the current real images and G CE on its
+    fakes, with weight lambda_cls; --no-ra-classifier: a critic without a classifier."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 32, 32) * 2 - 1, torch.zeros(8, dtype=torch.long)
+    losses = {}
+    for flags in ([], ["--lambda-cls", "0"], ["--no-ra-classifier"]):
+        args = mergan_ra.parse_args(["--dataset", "synth", "--dim", "8"] + flags)
+        torch.manual_seed(1)
+        G, D = C.mergan_networks("dcgan", 1, 10, 8, 32,
+                                 critic_classes=10 if args.ra_classifier else None)
+        assert (D.classifier is None) == (not args.ra_classifier)
+        torch.manual_seed(2)
+        losses[tuple(flags)] = float(mergan_ra.critic_step(G, D, torch.optim.SGD(
+            D.parameters(), lr=0.0), x, y, args))
+    # the CE of an untrained 10-way head on real images is about log 10 > 0
+    assert losses[()] > losses[("--lambda-cls", "0")] + 1.0
+    assert losses[("--lambda-cls", "0")] == pytest.approx(losses[("--no-ra-classifier",)],
+                                                          abs=1e-3)
