@@ -65,7 +65,8 @@ def mergan_task(name, t, iters, graphs, env):
     torch.manual_seed(0)
     if name == "ra":
         args = mergan_ra.parse_args(flags)
-        G, D = C.mergan_networks("dcgan", 1, 10, 32, 32, critic_classes=None)
+        G, D = C.mergan_networks("dcgan", 1, 10, 32, 32,  # the AC head, as by default
+                                 critic_classes=10 if args.ra_classifier else None)
         run = mergan_ra.train_task
     else:  # jtr, ewc (the EWC baseline is a mode of mergan_jtr.py)
         args = mergan_jtr.parse_args(["--mode", name, "--fisher-samples", "2"] + flags)

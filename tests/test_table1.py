@@ -31,6 +31,7 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
     assert [c.strip() for c in header.strip("|").split("|")][1:] == list(LABELS)
     assert "| Acc after 2 tasks, ours |" in md and "| A_2 (DGM solver" in md
     # the paper's Table 1 values, e.g. MNIST JTR 97.93 / 97.00 and EWC 70.62 / 77.03
+    assert "| paper | JT (all classes at once) | SFT | EWC |" in md  # not our cumulative JT
     assert "| MNIST, Acc after 5 tasks | 97.66 | 19.87 | 70.62 | 97.93 | 98.19 |" in md
     assert "| SVHN, Acc after 10 tasks | 84.82 | 10.10 | 33.02 | 66.50 | 66.78 |" in md
     assert md in res.stdout  # printed too
