@@ -1033,11 +1033,21 @@ def inception_features(net, x, batch=100):
 CHECKPOINT = "checkpoint.pt"
 
 
+# Flags that may change between a run and its --resume: where and how it runs, what it
+# prints, the end-of-run report. Every other flag defines the experiment and must match.
+RESUME_MAY_CHANGE = {"resume", "out", "device", "log_every", "max_tasks", "cuda_graphs",
+                     "data_root", "no_download", "source_root", "target_root", "source_ckpt",
+                     "final_metrics", "inception_fid", "status_every"}
+
+
 def prepare_run(args, script):
     """Create (or, with --resume, find) the run folder; write args.json.
 
-    Returns (run folder, checkpoint dict or None). A folder that already holds a checkpoint
-    is never overwritten silently: pass --resume or choose another --out.
+    Returns (run folder, checkpoint dict or None). Never overwrites: a folder that holds
+    anything but the args.json of a run that stopped before its first checkpoint is
+    refused (pass --resume, or choose another --out); the default folder name is unique
+    (created atomically, a suffix added when two runs start in the same second). --resume
+    refuses a changed experiment flag (anything not in RESUME_MAY_CHANGE), naming it.
     """
     if args.resume and args.out is None:
         pattern = os.path.join("runs", f"{script}-{args.dataset}-s{args.seed}-*", CHECKPOINT)
@@ -1045,24 +1055,40 @@ def prepare_run(args, script):
         if not found:
             raise UserError(f"--resume: no interrupted run matches {pattern}; pass --out")
         args.out = os.path.dirname(found[-1])
-    if args.out is None:
+    if args.out is None:  # a new folder of its own, even for runs started in one second
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.out = os.path.join("runs", f"{script}-{args.dataset}-s{args.seed}-{stamp}")
+        base = os.path.join("runs", f"{script}-{args.dataset}-s{args.seed}-{stamp}")
+        os.makedirs("runs", exist_ok=True)
+        for n in range(1, 1000):
+            args.out = base if n == 1 else f"{base}-{n}"
+            try:
+                os.mkdir(args.out)  # atomic: exactly one run gets each name
+                break
+            except FileExistsError:
+                continue
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
     ckpt_path = os.path.join(args.out, CHECKPOINT)
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise UserError(f"--resume: {ckpt_path} does not exist (nothing to resume)")
         ckpt = load_checkpoint(ckpt_path)
-        keep = ("dataset", "classes", "classes_per_task", "seed", "iters", "batch_size")
         old = ckpt.get("args", {})
-        changed = [k for k in keep if k in old and old[k] != getattr(args, k)]
+        changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}"
+                   for k in old if k not in RESUME_MAY_CHANGE and hasattr(args, k)
+                   and getattr(args, k) is not None and old[k] != getattr(args, k)]
         if changed:
-            raise UserError(f"--resume: {', '.join(changed)} differ from the interrupted run "
-                            f"in {args.out}")
+            raise UserError(f"--resume: the run in {args.out} was made with other settings "
+                            f"({'; '.join(changed)}); resume it with its own, or choose "
+                            "another --out")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it or "
                         "choose another --out")
+    elif os.path.isdir(args.out) and set(os.listdir(args.out)) - {"args.json"}:
+        files = sorted(set(os.listdir(args.out)) - {"args.json"})
+        raise UserError(f"--out {args.out} is not empty ({len(files)} entries, e.g. "
+                        f"{files[0]}); nothing is overwritten: choose another --out")
     os.makedirs(args.out, exist_ok=True)
     save_json(os.path.join(args.out, "args.json"), vars(args))
     return args.out, ckpt

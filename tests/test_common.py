@@ -391,6 +391,25 @@ def _args(tmp_path, **kw):
     return a
 
 
+def test_run_folders_never_overwrite_and_never_collide(tmp_path, monkeypatch):
+    """A folder with anything in it but a stopped run's args.json is refused (nothing is
+    overwritten); --out naming a file is one line; two runs started in the same second
+    with the default name get two folders."""
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "metrics.json").write_text('{"my": 1}')
+    with pytest.raises(C.UserError, match="is not empty.*metrics.json"):
+        C.prepare_run(_args(tmp_path, out=str(tmp_path / "u")), "test")
+    assert (tmp_path / "u" / "metrics.json").read_text() == '{"my": 1}'
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(C.UserError, match="is a file"):
+        C.prepare_run(_args(tmp_path, out=str(tmp_path / "f")), "test")
+    C.prepare_run(_args(tmp_path, out=str(tmp_path / "s")), "test")  # only args.json:
+    C.prepare_run(_args(tmp_path, out=str(tmp_path / "s")), "test")  # a stopped run, reused
+    monkeypatch.chdir(tmp_path)
+    outs = {C.prepare_run(_args(tmp_path, out=None), "test")[0] for _ in range(3)}
+    assert len(outs) == 3 and all(os.path.isdir(o) for o in outs)
+
+
 def test_run_folder_checkpoint_and_resume_rules(tmp_path):
     args = _args(tmp_path)
     out, ckpt = C.prepare_run(args, "test")
@@ -401,8 +420,13 @@ def test_run_folder_checkpoint_and_resume_rules(tmp_path):
     out2, ckpt = C.prepare_run(_args(tmp_path, resume=True), "test")
     assert out2 == out and ckpt["task"] == 3 and torch.equal(ckpt["w"], torch.ones(2))
     assert "rng" in ckpt and not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
-    with pytest.raises(C.UserError, match="seed differ"):
+    with pytest.raises(C.UserError, match="--seed 0 -> 5"):
         C.prepare_run(_args(tmp_path, resume=True, seed=5), "test")
+    # any experiment flag that changed is named; where/how it runs may change
+    with pytest.raises(C.UserError, match="--iters 10 -> 20; --eval-samples 6400 -> 10"):
+        C.prepare_run(_args(tmp_path, resume=True, eval_samples=10, iters=20), "test")
+    C.prepare_run(_args(tmp_path, resume=True, log_every=7, max_tasks=1, device="cpu"),
+                  "test")
     # resume with no checkpoint, and a corrupt checkpoint: one clear error each
     with pytest.raises(C.UserError, match="nothing to resume"):
         C.prepare_run(_args(tmp_path, resume=True, out=str(tmp_path / "none")), "test")

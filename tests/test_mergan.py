@@ -265,6 +265,14 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(data_root, tmp_pa
     ga = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["models"]["G"]
     gb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["models"]["G"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    # --resume on a finished run trains nothing and ends cleanly with the same table
+    r = run_script("mergan_ra.py", *args, "--out", str(tmp_path / "a"), "--resume")
+    assert "resuming after task 3/3" in r.stdout and "avg" in r.stdout
+    assert json.load(open(tmp_path / "a" / "metrics.json"))["acc_matrix"] == a["acc_matrix"]
+    # and refuses a changed experiment flag, naming it, in one line
+    r = subprocess.run([sys.executable, "mergan_ra.py", *args, "--out", str(tmp_path / "b"),
+                        "--resume", "--lr", "1e-3"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--lr 0.0001 -> 0.001" in r.stderr, r.stderr
 
 
 def test_user_mistakes_are_one_line_errors(data_root, tmp_path):
