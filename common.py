@@ -137,6 +137,34 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
     return g
 
 
+# The numeric flags of every script, checked in one place after parsing (check_args):
+# name -> the smallest value that makes sense. Flags a script does not have are skipped;
+# None (a default resolved later) is skipped.
+AT_LEAST = {"iters": 1, "batch_size": 1, "eval_samples": 1, "critic_iters": 1, "dim": 1,
+            "ngf": 1, "ndf": 1, "nz": 1, "epochs": 1, "max_tasks": 1, "log_every": 1,
+            "classes_per_task": 1, "source_iters": 1, "shots": 1, "replay_size": 1,
+            "fisher_samples": 2, "fd_samples": 2, "diversity_samples": 2}
+POSITIVE = ("lr", "s_max")                                           # > 0 and finite
+NOT_NEGATIVE = ("lambda_gp", "lambda_cls", "lambda_ra", "lambda_ru", "ewc_lambda")  # >= 0
+
+
+def check_args(args):
+    """One clear line (UserError) for a numeric flag out of range: counts below their
+    minimum, a learning rate <= 0, a weight < 0, or NaN/Inf anywhere."""
+    for name, low in AT_LEAST.items():
+        v = getattr(args, name, None)
+        if v is not None and v < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+    for name in POSITIVE + NOT_NEGATIVE:
+        v = getattr(args, name, None)
+        if not isinstance(v, (int, float)):  # None, or a list given as text (few-shot)
+            continue
+        if not math.isfinite(v) or (v <= 0 if name in POSITIVE else v < 0):
+            rule = "a positive number" if name in POSITIVE else "a number >= 0"
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
+    return args
+
+
 def task_split(classes_arg, n_classes, per_task):
     """Parse --classes / --classes-per-task into a list of tasks, each a list of class ids.
 

@@ -101,7 +101,7 @@ def parse_args(argv=None):
     for name, value in cfg.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return args
+    return C.check_args(args)  # numbers in range: one clear line otherwise
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ a mode of the MeRGAN script: `python mergan_jtr.py --mode ewc`.
 """
 import argparse
 import copy
+import math
 import os
 import time
 
@@ -115,8 +116,8 @@ def parse_args(argv=None):
     except ValueError:
         raise C.UserError(f"--ewc-lambda must be comma-separated numbers, got "
                           f"{args.ewc_lambda!r}")
-    if not args.lambdas or min(args.lambdas) < 0:
-        raise C.UserError("--ewc-lambda needs at least one value, none negative")
+    if not args.lambdas or not all(math.isfinite(v) and v >= 0 for v in args.lambdas):
+        raise C.UserError("--ewc-lambda needs at least one value, each finite and >= 0")
     if args.fisher_samples < 2:
         raise C.UserError("--fisher-samples must be at least 2")
     for name in (args.source, args.target):
@@ -127,6 +128,7 @@ def parse_args(argv=None):
     args.target_root = args.target_root or args.data_root
     # the run folder, checkpoints and --resume key on this name
     args.dataset = f"{args.source}-to-{args.target}"
+    C.check_args(args)  # numbers in range: one clear line otherwise
     return args
 
 

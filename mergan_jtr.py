@@ -108,7 +108,7 @@ def parse_args(argv=None):
         raise C.UserError("--fisher-samples must be at least 2")
     if args.ewc_lambda < 0:
         raise C.UserError("--ewc-lambda must not be negative")
-    return args
+    return C.check_args(args)  # numbers in range: one clear line otherwise
 
 
 # ------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def parse_args(argv=None):
         args.reduce_batch = args.arch == "dcgan"
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3
-    return args
+    return C.check_args(args)  # numbers in range: one clear line otherwise
 
 
 # ------------------------------------------------------------------------------------------

@@ -585,3 +585,39 @@ def test_nan_images_are_never_counted_as_a_class(synth_eval):
     assert acc == {0: 0.0, 1: 0.0, 2: 0.0}
     half = lambda z, y: torch.cat([x0[:10], torch.full((10, 1, 32, 32), float("inf"))])
     assert C.generated_accuracy(half, evaluator, [0], 20, 4, torch.device("cpu"))[0] <= 50.0
+
+
+@pytest.mark.parametrize("script, flags, msg", [
+    ("mergan_ra.py", ["--iters", "0"], "--iters must be at least 1, got 0"),
+    ("mergan_jtr.py", ["--batch-size", "-4"], "--batch-size must be at least 1"),
+    ("mergan_jtr.py", ["--eval-samples", "0"], "--eval-samples must be at least 1"),
+    ("mergan_ra.py", ["--max-tasks", "-1"], "--max-tasks must be at least 1"),
+    ("mergan_jtr.py", ["--critic-iters", "0"], "--critic-iters must be at least 1"),
+    ("mergan_ra.py", ["--lr", "nan"], "--lr must be a positive number, got nan"),
+    ("mergan_jtr.py", ["--lr", "-1"], "--lr must be a positive number"),
+    ("mergan_jtr.py", ["--dim", "0"], "--dim must be at least 1"),
+    ("mergan_jtr.py", ["--mode", "ewc", "--ewc-lambda", "nan"], "--ewc-lambda must be"),
+    ("mergan_ra.py", ["--lambda-ra", "-1"], "--lambda-ra must be a number >= 0"),
+    ("dgm.py", ["--ngf", "0"], "--ngf must be at least 1"),
+    ("dgm.py", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ("ewc_fewshot.py", ["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    ("ewc_fewshot.py", ["--iters", "0"], "--iters must be at least 1"),
+    ("ewc_fewshot.py", ["--fd-samples", "1"], "--fd-samples must be at least 2"),
+    ("ewc_fewshot.py", ["--ewc-lambda", "inf"], "--ewc-lambda needs at least one value"),
+])
+def test_numbers_out_of_range_are_user_errors(script, flags, msg):
+    """check_args: every script's numeric flags checked in one place, at parse time (before
+    any data is loaded or any folder made); a UserError is one line and exit status 2."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(C.UserError) as err:
+        module.parse_args(flags)
+    assert msg in str(err.value)
+
+
+def test_a_number_out_of_range_ends_in_one_line_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "mergan_ra.py"), "--iters", "0",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "--iters must be at least 1, got 0" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
