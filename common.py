@@ -1299,7 +1299,7 @@ class TaskRun:
         self.generate, self.nz = generate, nz
         self.extra = {} if extra is None else extra
         self.R, self.class_acc, self.seconds, self.start = [], {}, 0.0, 0
-        self.metrics = None
+        self.metrics, self.fields = None, {}  # metrics.json, and fields added to it
         if env.ckpt is not None:
             for name, module in models.items():
                 module.load_state_dict(env.ckpt["models"][name])
@@ -1353,11 +1353,11 @@ class TaskRun:
         """(Re)write metrics.json; `seconds` is added to the run's time, `fields` (e.g.
         end-of-run metrics) to the file. Returns the dictionary."""
         self.seconds += seconds
-        self.extra_fields = {**getattr(self, "extra_fields", {}), **fields}
+        self.fields.update(fields)
         self.metrics = write_metrics(self.env.out, self.method, self.args, self.env.tasks,
                                      self.R, self.env.evaluator_acc, self.env.device,
                                      self.seconds, class_acc=self.class_acc,
-                                     **self.extra, **self.extra_fields)
+                                     **self.extra, **self.fields)
         return self.metrics
 
     def finish(self, paper=None):

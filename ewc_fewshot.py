@@ -118,12 +118,8 @@ def parse_args(argv=None):
                           f"{args.ewc_lambda!r}")
     if not args.lambdas or not all(math.isfinite(v) and v >= 0 for v in args.lambdas):
         raise C.UserError("--ewc-lambda needs at least one value, each finite and >= 0")
-    if args.fisher_samples < 2:
-        raise C.UserError("--fisher-samples must be at least 2")
     for name in (args.source, args.target):
         C.dataset_info(name)  # unknown names: one-line error
-    if args.shots < 1:
-        raise C.UserError("--shots must be at least 1")
     args.source_root = args.source_root or args.data_root
     args.target_root = args.target_root or args.data_root
     # the run folder, checkpoints and --resume key on this name

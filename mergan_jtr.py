@@ -104,10 +104,6 @@ def parse_args(argv=None):
         args.final_metrics = args.dataset == "lsun"
     if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
         args.reduce_batch = args.arch == "dcgan"
-    if args.fisher_samples < 2:
-        raise C.UserError("--fisher-samples must be at least 2")
-    if args.ewc_lambda < 0:
-        raise C.UserError("--ewc-lambda must not be negative")
     return C.check_args(args)  # numbers in range: one clear line otherwise
 
 
