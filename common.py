@@ -23,6 +23,7 @@ See docs/core.md for the choices made here and why.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
@@ -143,9 +144,10 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
 AT_LEAST = {"iters": 1, "batch_size": 1, "eval_samples": 1, "critic_iters": 1, "dim": 1,
             "ngf": 1, "ndf": 1, "nz": 1, "epochs": 1, "max_tasks": 1, "log_every": 1,
             "classes_per_task": 1, "source_iters": 1, "shots": 1, "replay_size": 1,
-            "fisher_samples": 2, "fd_samples": 2, "diversity_samples": 2}
+            "fisher_samples": 2, "fd_samples": 2, "diversity_samples": 2, "val_every": 1}
 POSITIVE = ("lr", "s_max")                                           # > 0 and finite
 NOT_NEGATIVE = ("lambda_gp", "lambda_cls", "lambda_ra", "lambda_ru", "ewc_lambda")  # >= 0
+FRACTIONS = ("val_split",)                                           # 0 <= v < 1
 
 
 def check_args(args):
@@ -162,6 +164,10 @@ def check_args(args):
         if not math.isfinite(v) or (v <= 0 if name in POSITIVE else v < 0):
             rule = "a positive number" if name in POSITIVE else "a number >= 0"
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
+    for name in FRACTIONS:
+        v = getattr(args, name, None)
+        if v is not None and not 0 <= v < 1:  # NaN fails too
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
     return args
 
 
@@ -220,11 +226,14 @@ def to_float(x):
     return x.float().div_(127.5).sub_(1.0)
 
 
-def load_dataset(name, root="./data", train=True, image_size=None, download=True):
+def load_dataset(name, root="./data", train=True, image_size=None, download=True,
+                 digits="pad"):
     """Return (images uint8 N x C x S x S, labels int64 N, class names), on the CPU.
 
-    Digits are zero-padded 28 -> 32 as the MeRGAN authors do. torchvision's loaders are used
-    for the real datasets; files already in torchvision's layout are never downloaded again.
+    28x28 digits (mnist, fashion) become 32x32 by `digits`: "pad" (a zero border, as the
+    MeRGAN authors do) or "resize" (bilinear, as the DGM authors do). torchvision's loaders
+    are used for the real datasets; files already in torchvision's layout are never
+    downloaded again.
     """
     _, _, subdir, expected = dataset_info(name)
     if name.startswith("synth"):
@@ -264,7 +273,10 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
                             f"and not downloaded ({why})")
 
     if name in ("mnist", "fashion"):
-        x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1)  # 28 -> 32, zero (= -1) border
+        if digits == "resize":
+            x = resize(ds.data.unsqueeze(1), 32)        # 28 -> 32, bilinear
+        else:
+            x = F.pad(ds.data, (2, 2, 2, 2)).unsqueeze(1)  # 28 -> 32, zero (= -1) border
         y = ds.targets.long()
     elif name == "svhn":
         x = torch.from_numpy(ds.data)                   # N x 3 x 32 x 32, label 10 -> 0
@@ -277,7 +289,9 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
 
 
 def resize(x, size):
-    """Resize uint8 images to size x size (antialiased), or return them unchanged."""
+    """Resize uint8 images to size x size, or return them unchanged. Bilinear with
+    antialias=True, torch's form of PIL's bilinear filter (what torchvision's Resize applies
+    to PIL images, e.g. in the DGM authors' MNIST loader); rounded back to uint8."""
     if size is None or x.shape[-1] == size:
         return x
     out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
@@ -474,6 +488,30 @@ class TaskData:
         """All images (float, [-1, 1]) and labels of the given classes."""
         idx = self.indices(classes)
         return to_float(self.x[idx]), self.y[idx]
+
+
+def hold_out(data, fraction, seed):
+    """Split a TaskData into (train, validation): int(fraction * n) of the n images of every
+    class go to validation, drawn by a generator seeded with `seed` (so that --resume finds
+    the same split). fraction 0: (data, None)."""
+    if not fraction:
+        return data, None
+    g = torch.Generator().manual_seed(seed)
+    y = data.y.cpu()
+    val = []
+    for c in y.unique().tolist():
+        idx = (y == c).nonzero().flatten()
+        n_val = int(fraction * len(idx))
+        if not 0 < n_val < len(idx):
+            raise UserError(f"--val-split {fraction} leaves class {c} ({len(idx)} images) "
+                            "without validation or training images; use --val-split 0")
+        val.append(idx[torch.randperm(len(idx), generator=g)[:n_val]])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    keep, val = keep.to(data.device), val.to(data.device)
+    return (TaskData(data.x[keep], data.y[keep], data.device),
+            TaskData(data.x[val], data.y[val], data.device))
 
 
 # ------------------------------------------------------------------------------------------
@@ -925,19 +963,38 @@ def classifier_budget(dataset, n):
     return 32, int(min(6000, max(1500 if n >= 2000 else 300, 8 * n / 128)))
 
 
-def get_evaluator(args, train, test, n_classes, device, log=print):
-    """The dataset's evaluator classifier, trained on the real training set and cached
-    under <data-root>/evaluators/ (for `folder`: beside the image folder, in
-    <folder>-evaluators/, so that it never becomes a class). Returns (model, real test
-    accuracy in %)."""
-    size = train.x.shape[-1]
+def data_fingerprint(data, most=4096):
+    """A short hash of a TaskData's content: its shape, every label and up to `most` images
+    spread evenly over it. Two preparations of one dataset (MNIST padded or resized to
+    32 px) get different fingerprints, so that neither reuses the other's evaluator."""
+    h = hashlib.sha1(str(tuple(data.x.shape)).encode())
+    step = max(1, len(data.x) // most)
+    h.update(data.x[::step].cpu().numpy().tobytes())
+    h.update(data.y.cpu().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def evaluator_cache(args, train):
+    """(cache file, dataset name) of the evaluator for this training data: under
+    <data-root>/evaluators/, or, for `folder`, in <folder>-evaluators/ beside the image
+    folder (so that it never becomes a class); named by dataset, image size and content
+    (data_fingerprint)."""
     name, cache = args.dataset, os.path.join(args.data_root, "evaluators")
     if args.dataset == "folder":
         folder = os.path.abspath(args.data_root)
         name, cache = "folder-" + os.path.basename(folder), folder + "-evaluators"
-    path = os.path.join(cache, f"{name}-{size}px-v{EVALUATOR_VERSION}.pt")
+    file = f"{name}-{train.x.shape[-1]}px-{data_fingerprint(train)}-v{EVALUATOR_VERSION}.pt"
+    return os.path.join(cache, file), name
+
+
+def get_evaluator(args, train, test, n_classes, device, log=print):
+    """The dataset's evaluator classifier, trained on the real training set and cached
+    (evaluator_cache: one file per dataset, image size and content). Returns (model, real
+    test accuracy in %)."""
+    path, name = evaluator_cache(args, train)
     key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y),
-           "n_classes": n_classes, "version": EVALUATOR_VERSION}
+           "n_classes": n_classes, "version": EVALUATOR_VERSION,
+           "data": data_fingerprint(train)}
     width, steps = classifier_budget(args.dataset, len(train.y))
     key = dict(key, width=width, steps=steps)
     model = Evaluator(train.x.shape[1], n_classes, width).to(device)
@@ -1234,16 +1291,17 @@ def check_finite(module, where):
                        "it was evaluated or saved, earlier checkpoints are unchanged")
 
 
-def setup(args, script):
+def setup(args, script, digits="pad"):
     """Everything a sequential script needs before its first task: device, seed, data on
-    the device, tasks, run folder (or the checkpoint to resume) and the evaluator."""
+    the device, tasks, run folder (or the checkpoint to resume) and the evaluator.
+    `digits`: how 28x28 digits become 32x32 (load_dataset)."""
     device = pick_device(args.device)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                  if device.type == "cuda" else ""), flush=True)
     seed_everything(args.seed)
     size, download = args.image_size, not args.no_download
-    x, y, names = load_dataset(args.dataset, args.data_root, True, size, download)
-    tx, ty, _ = load_dataset(args.dataset, args.data_root, False, size, download)
+    x, y, names = load_dataset(args.dataset, args.data_root, True, size, download, digits)
+    tx, ty, _ = load_dataset(args.dataset, args.data_root, False, size, download, digits)
     tasks = task_split(args.classes, len(names), args.classes_per_task)
     out, ckpt = prepare_run(args, script)
     print(f"{args.dataset}: {len(y)} train / {len(ty)} test images {tuple(x.shape[1:])}; "

@@ -13,13 +13,16 @@ is frozen for later tasks, a sparsity term keeps each task from reserving more t
 and after each task the network grows by what was reserved, so that the free capacity stays
 constant. The AC-GAN discriminator D is also the solver: its auxiliary head classifies the
 real data of the current task plus images that G replays for every earlier class, and its
-accuracy on the real test set of all classes seen so far is DGM's metric A_t.
+accuracy on the real test set of all classes seen so far is DGM's metric A_t, reported as the
+authors do at the best of the validation checks made during the task (a validation split
+held out of the training images), beside the final model's.
 
     python dgm.py --dataset mnist                 # DGM-w, the authors' MNIST config
     python dgm.py --dataset mnist --variant a     # DGM-a
     python dgm.py --dataset svhn                  # DGM-w, the authors' SVHN config
     python dgm.py --dataset synth --classes 0,1,2 --iters 300 --eval-samples 320  # CPU minutes
     python dgm.py --dataset synth --replay none   # forgetting baseline: no replay for D
+    python dgm.py --dataset mnist --val-split 0 --to-32px pad   # all training data, padded
 """
 import argparse
 import math
@@ -32,27 +35,34 @@ import torch.nn.functional as F
 
 import common as C
 
-# The authors' cfg/*.yml (docs/dgm.md, "Hyperparameters"). Rows without an authors' config are our
-# choices, marked "ours"; docs/dgm.md says why.
+# The authors' cfg/*.yml (docs/dgm.md, "Hyperparameters"), plus their per-config switches:
+# keep_d (= not reinit_D), aux_g (the AC loss on G), and the share of each class's training
+# images held out for model selection (their loaders: 15% MNIST, 10% SVHN). Rows without an
+# authors' config are our choices, marked "ours"; docs/dgm.md says why.
+DIGITS = dict(lambda_gp=1.0, ndf=32, batch_size=64, keep_d=False, aux_g=False)
 CONFIGS = {
-    ("mnist", "w"): dict(epochs=101, lr=2e-3, s_max=1e4, lambda_ru=0.08, lambda_gp=1.0,
-                         ngf=6, ndf=32, batch_size=64),
-    ("mnist", "a"): dict(epochs=101, lr=2e-3, s_max=1e5, lambda_ru=0.01, lambda_gp=1.0,
-                         ngf=20, ndf=32, batch_size=64),
-    ("svhn", "w"): dict(epochs=151, lr=5e-4, s_max=1e4, lambda_ru=0.001, lambda_gp=1.0,
-                        ngf=6, ndf=32, batch_size=64),
-    ("svhn", "a"): dict(epochs=151, lr=5e-4, s_max=1e5, lambda_ru=0.001, lambda_gp=1.0,
-                        ngf=20, ndf=32, batch_size=64),                      # ours
+    ("mnist", "w"): dict(DIGITS, epochs=101, lr=2e-3, s_max=1e4, lambda_ru=0.08, ngf=6,
+                         val_split=0.15),
+    ("mnist", "a"): dict(DIGITS, epochs=101, lr=2e-3, s_max=1e5, lambda_ru=0.01, ngf=20,
+                         val_split=0.15),
+    ("svhn", "w"): dict(DIGITS, epochs=151, lr=5e-4, s_max=1e4, lambda_ru=0.001, ngf=6,
+                        val_split=0.10),
+    ("svhn", "a"): dict(DIGITS, epochs=151, lr=5e-4, s_max=1e5, lambda_ru=0.001, ngf=20,
+                        val_split=0.10),                                     # ours
+    # `folder`: the hyperparameters and switches of the authors' ImageNet-50 run (32 px,
+    # D kept, AC loss on G) on OUR digit networks, not their ResNet G / ResNet-18 D: this
+    # is our 32px folder config, not the paper's ImageNet-50 setting (docs/dgm.md).
     ("folder", "w"): dict(epochs=101, lr=2e-4, s_max=1e4, lambda_ru=0.001, lambda_gp=0.6,
-                          ngf=64, ndf=128, batch_size=70),                  # ImageNet config
+                          ngf=64, ndf=128, batch_size=70, keep_d=True, aux_g=True,
+                          val_split=0.10),                                   # ours (see above)
     ("folder", "a"): dict(epochs=101, lr=2e-4, s_max=1e5, lambda_ru=0.001, lambda_gp=0.6,
-                          ngf=64, ndf=128, batch_size=70),                  # ours
+                          ngf=64, ndf=128, batch_size=70, keep_d=True, aux_g=True,
+                          val_split=0.10),                                   # ours
 }
 # Datasets without a config borrow one: grey digits -> MNIST's, colour -> SVHN's. The offline
-# sets (1,000 images per class = 16 batches an epoch) are for CPU budgets: fewer epochs, and
-# ngf 20 for both variants, since DGM-w's ngf 6 needs the full schedule (docs/dgm.md).
+# sets (1,000 images per class = 16 batches an epoch) are for CPU budgets: fewer epochs.
 BORROW = {"fashion": "mnist", "synth": "mnist", "cifar10": "svhn", "synth-color": "svhn"}
-OFFLINE = {"synth": dict(epochs=20, ngf=20), "synth-color": dict(epochs=30, ngf=20)}
+OFFLINE = {"synth": dict(epochs=20), "synth-color": dict(epochs=30)}
 CLIP_GRAD = 10000.0   # authors: clip_grad_norm_(G, 10000)
 THRES_COSH = 50.0     # authors / HAT: clamp of s*e inside cosh
 
@@ -89,12 +99,30 @@ def parse_args(argv=None):
                    "earlier class (default, authors: the current task's training-set size)")
     p.add_argument("--d-norm", default="none", choices=["none", "batch"],
                    help="batch norm in D's 2nd and 3rd conv: none (default, WGAN-GP's advice) "
-                        "or batch (the authors'; see docs/dgm.md for why it is not default)")
-    p.add_argument("--keep-d", action="store_true", help="keep D's conv layers from task to "
-                   "task (its two heads are still reset); default: re-initialise D at every "
-                   "task, as the authors do for digits")
+                        "or batch (the authors': running statistics follow every pass; see "
+                        "docs/dgm.md for why it is not the default)")
+    p.add_argument("--keep-d", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep D's conv layers from task to task (its two heads are still "
+                        "reset); --no-keep-d re-initialises D at every task. Default: the "
+                        "authors' per-config choice (digits: re-initialise; folder: keep)")
+    p.add_argument("--aux-g", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the AC-GAN classification loss of G's images to G's loss (the "
+                        "authors' aux_G). Default: their per-config choice (digits: off; "
+                        "folder, from their ImageNet run: on)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="share of each class's training images held out for model "
+                        "selection (authors: 0.15 MNIST, 0.10 SVHN); A_t is reported at the "
+                        "best-validation check, beside the final model's. 0: no split, "
+                        "report the final model")
+    p.add_argument("--val-every", type=int, default=2, help="epochs between validation "
+                   "checks of the solver (authors: 2), and one at the end of each task")
+    p.add_argument("--to-32px", default="resize", choices=["resize", "pad"],
+                   help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, "
+                        "the DGM authors') or pad (zero border, MeRGAN's)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
     args = p.parse_args(argv)
+    if args.dataset == "folder" and args.image_size is None:
+        args.image_size = 32  # the authors' ImageNet-50 run is at 32x32
     key = (BORROW.get(args.dataset, args.dataset), args.variant)
     cfg = dict(CONFIGS.get(key, CONFIGS[("mnist", args.variant)]))
     cfg.update(OFFLINE.get(args.dataset, {}))
@@ -108,15 +136,31 @@ def parse_args(argv=None):
 # The generator with learned binary masks and dynamic expansion
 # ------------------------------------------------------------------------------------------
 def dcgan_init(m):
-    """The authors' weights_init: N(0, 0.02) convolutions, BN scale N(1, 0.02), offset 0."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    """The authors' `weights_init`: convolutions N(0, 0.02), BN scale N(1, 0.02) and offset
+    0. Linear layers keep PyTorch's default (their `weights_init` does not touch them)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
-        m.reset_running_stats()
+
+
+def xavier_relu_(w):
+    """The authors' `weights_init_g`: Xavier-uniform with the ReLU gain sqrt(2)."""
+    return nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain("relu"))
+
+
+def init_masked_weight(variant, shape, grown=False):
+    """A masked layer's weight tensor as the authors initialise it (docs/dgm.md, "Weight
+    initialisation"). DGM-w: Xavier-uniform, gain sqrt(2), at the start (`net_DGMw.py`:
+    netG.apply(weights_init_g)); N(0, 0.02) when grown (Plastic_ConvTranspose2d.expand:
+    weights_init). DGM-a: the other way round (`net_DGMa.py`: netG.apply(weights_init);
+    ConvTranspose2d.extand: weights_init_g). `grown` tensors are drawn whole, then the old
+    weights are copied into their corner, as the authors do."""
+    w = torch.empty(shape)
+    if (variant == "w") != grown:
+        return xavier_relu_(w)
+    return nn.init.normal_(w, 0.0, 0.02)
 
 
 class DGMGenerator(nn.Module):
@@ -139,8 +183,8 @@ class DGMGenerator(nn.Module):
         self.initial_channels = sum(self.widths)
         self.caps = []                                              # caps[t]: widths of task t
         ins = [nz] + self.widths[:-1]
-        self.weights = nn.ParameterList(
-            [nn.Parameter(torch.randn(i, o, 4, 4) * 0.02) for i, o in zip(ins, self.widths)])
+        self.weights = nn.ParameterList([nn.Parameter(init_masked_weight(variant, (i, o, 4, 4)))
+                                         for i, o in zip(ins, self.widths)])
         for l in range(n):  # M_{<t}: union of earlier tasks' binarised masks (1 = reserved)
             self.register_buffer(f"reserved_{l}", torch.zeros(self.mask_shape(l)))
         self.emb = nn.ModuleList([nn.ParameterList() for _ in range(n)])  # emb[l][t] = e_t
@@ -175,7 +219,9 @@ class DGMGenerator(nn.Module):
     # --- tasks ----------------------------------------------------------------------------
     def add_task(self):
         """Open task t = len(caps): embeddings at 0 (mask 0.5, authors), a BN per layer, an
-        output layer; the task will use the network at its present widths."""
+        output layer; the task will use the network at its present widths. Init (authors):
+        the first task's BNs N(1, 0.02) (weights_init), later tasks' BNs and every output
+        layer PyTorch's default (theirs are created with no init call)."""
         dev = self.weights[0].device
         self.caps.append(list(self.widths))
         for l in range(len(self.widths)):
@@ -183,9 +229,15 @@ class DGMGenerator(nn.Module):
         self.bns.append(nn.ModuleList([nn.BatchNorm2d(w) for w in self.widths]).to(dev))
         self.outs.append(nn.ConvTranspose2d(self.widths[-1], self.channels, 4, 2, 1,
                                             bias=False).to(dev))
-        self.bns[-1].apply(dcgan_init)
-        self.outs[-1].apply(dcgan_init)
+        if len(self.caps) == 1:
+            self.bns[-1].apply(dcgan_init)
         return len(self.caps) - 1
+
+    def growth_factor(self):
+        """Channels now / channels at the start: the authors scale lambda_RU by it
+        (`lamb_G * total_size / free_size`), so that the sparsity term keeps its pull as the
+        network grows."""
+        return sum(self.widths) / self.initial_channels
 
     @torch.no_grad()
     def end_task(self, t, s_max):
@@ -206,8 +258,8 @@ class DGMGenerator(nn.Module):
         so that the free capacity stays constant. DGM-a: n_new output units per layer.
         DGM-w (authors' `extand`): ceil(n_new / (fan_in * 4 * 4)) output channels, after
         counting the weights that the previous layer's new channels already add as inputs.
-        New weights are N(0, 0.02); they are free (M = 0); earlier tasks never see them
-        (caps)."""
+        New weights are drawn as the authors draw them (`init_masked_weight`); they are free
+        (M = 0); earlier tasks never see them (caps)."""
         add_in = 0
         for l, n_new in enumerate(new):
             w = self.weights[l]
@@ -217,7 +269,8 @@ class DGMGenerator(nn.Module):
             else:
                 gained = add_in * c_out * 16
                 add_out = max(math.ceil((n_new - gained) / (c_in * 16)), 0)
-            grown = torch.randn(c_in, c_out + add_out, 4, 4, device=w.device) * 0.02
+            grown = init_masked_weight(self.variant, (c_in, c_out + add_out, 4, 4),
+                                       grown=True).to(w.device)
             grown[:w.shape[0], :c_out] = w
             self.weights[l] = nn.Parameter(grown)
             self.widths[l] = c_out + add_out
@@ -323,15 +376,16 @@ def rebuild_structure(G, structure):
 # The discriminator, which is also the incremental classifier (the "solver")
 # ------------------------------------------------------------------------------------------
 class SolverD(nn.Module):
-    """The authors' AC-GAN discriminator: 5x5 s2 convs (ndf, 2ndf, 4ndf), LeakyReLU 0.2; a
-    critic head (1 score) and an auxiliary classifier head. The classifier head has a row per
-    class of the dataset, but only the rows of the classes seen so far are used (= the
-    authors' head that grows with every task).
+    """The authors' AC-GAN discriminator: 5x5 s2 convs (ndf, 2ndf, 4ndf) without biases,
+    LeakyReLU 0.2; a critic head (1 score) and an auxiliary classifier head. The classifier
+    head has a row per class of the dataset, but only the rows of the classes seen so far are
+    used (= the authors' head that grows with every task). Init (authors): convs N(0, 0.02),
+    BN N(1, 0.02), both heads PyTorch's default.
 
-    norm="batch" puts the authors' BatchNorm after the 2nd and 3rd conv (no conv biases).
-    Our default is "none" (WGAN-GP's advice, and a departure: docs/dgm.md): with BN, the
-    classifier that learned on batch statistics mis-classifies at test time with running
-    statistics, and the gradient penalty is no longer a per-sample quantity."""
+    norm="batch" puts the authors' BatchNorm after the 2nd and 3rd conv; as in their code,
+    every pass in train mode (classifier batches, real, fake, interpolates, the generator's
+    fakes) moves its running statistics, which the test-time solver then uses. Our default
+    is "none" (WGAN-GP's advice, and a departure: docs/dgm.md)."""
 
     def __init__(self, channels, n_classes, ndf, image_size=32, norm="none"):
         super().__init__()
@@ -339,31 +393,23 @@ class SolverD(nn.Module):
         widths = [channels] + [ndf * 2 ** i for i in range(n)]
         layers = []
         for i in range(n):
-            layers.append(nn.Conv2d(widths[i], widths[i + 1], 5, 2, 2, bias=norm != "batch"))
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], 5, 2, 2, bias=False))
             if i > 0 and norm == "batch":
                 layers.append(nn.BatchNorm2d(widths[i + 1]))
             layers.append(nn.LeakyReLU(0.2))
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.critic = nn.Linear(widths[-1] * 16, 1)
         self.classifier = nn.Linear(widths[-1] * 16, n_classes)
-        self.apply(dcgan_init)
+        self.body.apply(dcgan_init)
 
     def forward(self, x, seen):
         """(critic score per image, logits over the classes `seen`, a LongTensor)."""
         h = self.body(x)
         return self.critic(h).squeeze(1), self.classifier(h)[:, seen]
 
-    def track_stats(self, on):
-        """norm="batch" only: whether BN running statistics follow the batches (momentum
-        0.1) or stay put (0), so that they are the solver's, not the critic's. Batches are
-        always normalised with their own statistics in training."""
-        for m in self.body:
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1 if on else 0.0
-
     def reset(self, keep_body=False):
         """Authors: both heads are reset at every new task; digits: all of D (reinit_D)."""
-        if not keep_body:
+        if not keep_body:  # (BN running statistics are not reset: authors' weights_init)
             self.body.apply(dcgan_init)
         self.critic.reset_parameters()
         self.classifier.reset_parameters()
@@ -425,13 +471,11 @@ def train_step(G, D, opt_G, opt_D, task, x, y, args, masked=True):
         xa, ya = torch.cat([x, xr]), torch.cat([y, yr])
         perm = torch.randperm(len(ya), device=ya.device)
         xa, ya = xa[perm], ya[perm]
-    D.track_stats(True)   # --d-norm batch: test-time BN statistics = the solver's data only
     for xb, yb in zip(xa.split(len(y)), ya.split(len(y))):
         cls_loss = F.cross_entropy(D(xb, seen)[1], lookup[yb])        # AC-GAN L_cls (real)
         opt_D.zero_grad(set_to_none=True)
         cls_loss.backward()
         opt_D.step()
-    D.track_stats(False)  # critic and generator passes (fakes, interpolates) leave them be
     # (2) Critic, WGAN-GP loss (Gulrajani et al. 2017): D(fake) - D(real) + lambda_GP * GP;
     # real and fake batches in separate passes, as the authors do.
     z = torch.randn(len(y), G.nz, device=y.device)
@@ -443,12 +487,16 @@ def train_step(G, D, opt_G, opt_D, task, x, y, args, masked=True):
     d_loss.backward()
     opt_D.step()
     # (3) Generator: WGAN adversarial loss + lambda_RU * growth * R_t (DGM's sparsity
-    # regulariser); no AC term for digits (authors: aux_G off).
+    # regulariser), + the AC-GAN classification loss of its images where --aux-g is on
+    # (authors' aux_G: off for digits).
     D.requires_grad_(False)
     z = torch.randn(len(y), G.nz, device=y.device)
-    adv = -D(G(z, y, t, s, masked), seen)[0].mean()
+    score, logits = D(G(z, y, t, s, masked), seen)
+    adv = -score.mean()
     reg = G.sparsity(t, s) if masked else torch.zeros((), device=y.device)
     g_loss = adv + task.lam * reg
+    if args.aux_g:
+        g_loss = g_loss + F.cross_entropy(logits, lookup[y])          # AC-GAN L_cls (fake)
     opt_G.zero_grad(set_to_none=True)
     g_loss.backward()
     if masked:
@@ -474,9 +522,44 @@ def task_iterations(args, env, t):
     return args.epochs * math.ceil(n / args.batch_size)
 
 
+def new_results():
+    """DGM's own metrics, one entry per task (metrics.json, docs/dgm.md): the solver's
+    accuracy per seen task and A_t as reported (best validation check), the same for the
+    final model, the epoch of the best check, and the generator's size."""
+    return {"solver_acc_matrix": [], "A": [], "solver_acc_matrix_final": [], "A_final": [],
+            "best_val_epoch": [], "generator": []}
+
+
+def validation_checks(iters, epochs, every):
+    """The authors' model-selection schedule: after every `every`-th epoch (epochs 0, 2,
+    4, ... counted from 0) and after the last iteration. Returns {iterations done: epoch}."""
+    per = iters / epochs
+    checks = {min(iters, round((e + 1) * per)): e for e in range(0, epochs, every)}
+    checks.setdefault(iters, epochs - 1)
+    return checks
+
+
+class BestValidation:
+    """The authors' model selection (`App.valid`): at every check, the solver's mean
+    accuracy on the real validation images of every task seen so far; the test accuracy
+    reported for the task is the one at the best check (the first one, if tied). Training
+    itself goes on with the latest model: the selection only picks what is reported."""
+
+    def __init__(self):
+        self.val, self.test, self.epoch = -1.0, None, None
+
+    def check(self, D, env, tasks_seen, seen, epoch):
+        val = float(np.mean(solver_accuracy(D, env.val, tasks_seen, seen)))
+        if val > self.val:
+            self.val, self.epoch = val, epoch
+            self.test = solver_accuracy(D, env.test, tasks_seen, seen)
+
+
 def train_task(t, G, D, env, args, generate, results):
-    """Learn task t: replay set, new task pieces, the training loop, then binarise, reserve
-    and grow; finally D's accuracy on the real test data of every seen task (A_t)."""
+    """Learn task t: replay set, new task pieces, the training loop (with the validation
+    checks of the authors' model selection), then binarise, reserve and grow; finally D's
+    accuracy on the real test data of every seen task (A_t): at the best validation check,
+    and of the final model."""
     tasks, dev = env.tasks, env.device
     prev = [c for tk in tasks[:t] for c in tk]
     seen = torch.tensor(prev + tasks[t], device=dev)
@@ -494,7 +577,7 @@ def train_task(t, G, D, env, args, generate, results):
     # floats they replace: the arithmetic is the same to the last bit.
     s_now, s_ep_now = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2))
     task = TaskSetup(t, seen, lookup, replay, s=s_now, s_ep=s_ep_now,
-                     lam=args.lambda_ru * sum(G.widths) / G.initial_channels)  # x growth
+                     lam=args.lambda_ru * G.growth_factor())
     iters = task_iterations(args, env, t)
     progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
     G.train()
@@ -507,20 +590,31 @@ def train_task(t, G, D, env, args, generate, results):
     # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
     # otherwise `step()` is simply `iteration()`.
     step = C.GraphedStep(iteration, C.use_cuda_graphs(args, dev))
+    checks = {} if env.val is None else validation_checks(iters, args.epochs, args.val_every)
+    best = BestValidation()
     for it in range(iters):
         s, s_ep = s_schedule(it, iters, args.epochs, args.s_max, args.variant)
         s_now.fill_(s)
         s_ep_now.fill_(s_ep)
         progress.update(it, dict(step(), s=s))
+        if it + 1 in checks:  # model selection on the validation split (authors)
+            best.check(D, env, tasks[:t + 1], seen, checks[it + 1])
     new = G.end_task(t, args.s_max)
     size = G.size()
     results["generator"].append(dict(size, task=t + 1, newly_reserved=new))
-    acc = solver_accuracy(D, env.test, tasks[:t + 1], seen)
-    results["solver_acc_matrix"].append(acc + [None] * (len(tasks) - t - 1))
+    final = solver_accuracy(D, env.test, tasks[:t + 1], seen)
+    acc = final if best.test is None else best.test  # what the authors report
+    pad = [None] * (len(tasks) - t - 1)
+    results["solver_acc_matrix"].append(acc + pad)
     results["A"].append(float(np.mean(acc)))
+    results["solver_acc_matrix_final"].append(final + pad)
+    results["A_final"].append(float(np.mean(final)))
+    results["best_val_epoch"].append(best.epoch)
+    chosen = ("final model" if best.epoch is None else
+              f"best validation at epoch {best.epoch}; final model {np.mean(final):.2f}%")
     print(f"[task {t + 1}/{len(tasks)}] solver accuracy on real test data per task: "
-          + " ".join(f"{a:.1f}" for a in acc) + f"  A_{t + 1} = {np.mean(acc):.2f}%  | G "
-          f"channels {size['channels']}, {size['shared_params']} shared weights, newly "
+          + " ".join(f"{a:.1f}" for a in acc) + f"  A_{t + 1} = {np.mean(acc):.2f}% ({chosen})"
+          f"  | G channels {size['channels']}, {size['shared_params']} shared weights, newly "
           f"reserved {new}, free {100 * size['free_fraction']:.1f}%", flush=True)
 
 
@@ -563,13 +657,15 @@ def make_generate(G, tasks, n_classes, s_max, device):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    env = C.setup(args, f"dgm{args.variant}")  # device, seed, data, tasks, evaluator
+    # device, seed, data (28px digits resized to 32, as the authors do), tasks, evaluator
+    env = C.setup(args, f"dgm{args.variant}", digits=args.to_32px)
     G = DGMGenerator(args.variant, env.channels, env.n_classes, args.ngf, args.nz,
                      env.image_size).to(env.device)
     D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,
                 args.d_norm).to(env.device)
     generate = make_generate(G, env.tasks, env.n_classes, args.s_max, env.device)
-    results = {"solver_acc_matrix": [], "A": [], "generator": []}  # checkpointed with run
+    env.train, env.val = C.hold_out(env.train, args.val_split, args.seed)  # authors' split
+    results = new_results()  # DGM's own metrics, filled by train_task, checkpointed
     method = f"dgm-{args.variant}" + ("-noreplay" if args.replay == "none" else "")
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
@@ -580,10 +676,19 @@ def main(argv=None):
     metrics = run.finish()
     if metrics is None:
         return None
-    header = ["after task"] + [",".join(map(str, task)) for task in env.tasks] + ["A_t"]
-    rows = [[t + 1] + results["solver_acc_matrix"][t] + [results["A"][t]]
+    # The solver's A_t (at the best validation check where --val-split > 0, the authors'
+    # protocol), the final model's, and G's plasticity: the generated-sample Acc of the
+    # task just learned (the solver's A_t cannot show it: it learns that task from real data).
+    header = (["after task"] + [",".join(map(str, task)) for task in env.tasks]
+              + ["A_t", "A_t final model", "G: newest task Acc"])
+    rows = [[t + 1] + results["solver_acc_matrix"][t]
+            + [results["A"][t], results["A_final"][t], run.R[t][t]]
             for t in range(len(env.tasks))]
-    print(f"\n{method}: accuracy (%) of D's classifier on the real test data of each task")
+    selection = (f"at the best of the validation checks every {args.val_every} epochs "
+                 f"({args.val_split:.0%} of the training images held out)"
+                 if args.val_split else "of the final model (--val-split 0)")
+    print(f"\n{method}: accuracy (%) of D's classifier on the real test data of each task, "
+          f"{selection}")
     print(C.fmt_table(header, rows))
     rows = [[g["task"], str(g["channels"]), g["shared_params"], g["total_params"],
              str(g["newly_reserved"]), 100 * g["free_fraction"]] for g in results["generator"]]

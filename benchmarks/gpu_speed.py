@@ -41,7 +41,7 @@ def fake_env(device, n_per_class=640, seed=0):
     y = torch.arange(10).repeat(n_per_class)
     data = C.TaskData(x, y, device)
     return argparse.Namespace(tasks=[[c] for c in range(10)], train=data, test=data,
-                              device=device, n_classes=10)
+                              val=None, device=device, n_classes=10)
 
 
 def sync(device):
@@ -90,7 +90,7 @@ def dgm_task(variant, t, iters, graphs, env):
 
     def run():
         G2 = copy.deepcopy(G)  # every call starts from the same network
-        results = {"generator": [], "solver_acc_matrix": [], "A": []}
+        results = dgm.new_results()
         dgm.train_task(t, G2, D, env, args, dgm.make_generate(G2, env.tasks, 10, args.s_max,
                                                                env.device), results)
     return run

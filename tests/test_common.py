@@ -5,6 +5,7 @@ Everything here runs offline on data the code generates itself.
 import argparse
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import urllib.error
@@ -326,11 +327,11 @@ def test_evaluator_cache_is_reused_and_corrupt_cache_retrains(synth_eval, tmp_pa
     assert acc2 == acc and "loaded" in logs[0]
     # a corrupt cache is reported and replaced, not a crash (tested on a copy)
     bad = argparse.Namespace(dataset="synth", data_root=str(tmp_path))
-    path = tmp_path / "evaluators" / f"synth-32px-v{C.EVALUATOR_VERSION}.pt"
+    small = C.TaskData(train.x[:200], train.y[:200], torch.device("cpu"))
+    path = pathlib.Path(C.evaluator_cache(bad, small)[0])
     os.makedirs(path.parent)
     path.write_bytes(b"not a checkpoint")
     logs = []
-    small = C.TaskData(train.x[:200], train.y[:200], torch.device("cpu"))
     C.get_evaluator(bad, small, test, 10, torch.device("cpu"), log=logs.append)
     assert "unreadable" in logs[0] and path.stat().st_size > 1000
 
@@ -604,6 +605,9 @@ def test_nan_images_are_never_counted_as_a_class(synth_eval):
     ("ewc_fewshot.py", ["--iters", "0"], "--iters must be at least 1"),
     ("ewc_fewshot.py", ["--fd-samples", "1"], "--fd-samples must be at least 2"),
     ("ewc_fewshot.py", ["--ewc-lambda", "inf"], "--ewc-lambda needs at least one value"),
+    ("dgm.py", ["--val-split", "1"], "--val-split must be in [0, 1), got 1.0"),
+    ("dgm.py", ["--val-split", "nan"], "--val-split must be in [0, 1)"),
+    ("dgm.py", ["--val-every", "0"], "--val-every must be at least 1"),
 ])
 def test_numbers_out_of_range_are_user_errors(script, flags, msg):
     """check_args: every script's numeric flags checked in one place, at parse time (before
@@ -621,3 +625,69 @@ def test_a_number_out_of_range_ends_in_one_line_and_writes_nothing(tmp_path):
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "--iters must be at least 1, got 0" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# 28 -> 32 px digits, validation split, evaluator cache by content
+# ------------------------------------------------------------------------------------------
+def write_fake_mnist(root, n=20, seed=0):
+    """MNIST in torchvision's raw layout (<root>/MNIST/raw/*-ubyte), n random digits per
+    split, labels 0..9 in turn. Returns the training images (n x 28 x 28 uint8)."""
+    raw = pathlib.Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    out = None
+    for prefix in ("train", "t10k"):
+        imgs = g.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + imgs.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
+        out = imgs if prefix == "train" else out
+    return out
+
+
+def test_digits_are_padded_or_resized_to_32_px(tmp_path):
+    """pad (MeRGAN's): the 28x28 digit sits in a 2-pixel zero border. resize (DGM's): the
+    authors' pipeline, ToPILImage -> Resize(32) (PIL bilinear) -> ToTensor, to within one
+    grey level (PIL rounds in fixed point)."""
+    from PIL import Image
+    import torchvision.transforms as T
+    raw = write_fake_mnist(tmp_path)
+    pad, y, _ = C.load_dataset("mnist", str(tmp_path), True, download=False, digits="pad")
+    res, y2, _ = C.load_dataset("mnist", str(tmp_path), True, download=False, digits="resize")
+    assert pad.shape == res.shape == (20, 1, 32, 32) and torch.equal(y, y2)
+    assert torch.equal(pad[:, 0, 2:30, 2:30], torch.from_numpy(raw))
+    assert pad[:, :, :2].sum() == 0 and pad[:, :, :, 30:].sum() == 0
+    pil = np.stack([np.asarray(T.Resize(32)(T.ToPILImage()(torch.from_numpy(a).float()[None]
+                                                             / 255))) for a in raw])
+    assert pil.shape == (20, 32, 32)
+    assert np.abs(res[:, 0].numpy().astype(int) - pil.astype(int)).max() <= 1
+    # and exactly PIL's float ("F" mode) bilinear, before rounding
+    f = np.asarray(Image.fromarray(raw[0].astype(np.float32), mode="F").resize((32, 32),
+                                                                               Image.BILINEAR))
+    assert np.abs(res[0, 0].numpy() - f).max() <= 0.5 + 1e-4
+    # the evaluator cache tells the two apart
+    dev = torch.device("cpu")
+    args = argparse.Namespace(dataset="mnist", data_root=str(tmp_path))
+    assert (C.evaluator_cache(args, C.TaskData(pad, y, dev))[0]
+            != C.evaluator_cache(args, C.TaskData(res, y, dev))[0])
+
+
+def test_hold_out_takes_the_same_share_of_every_class():
+    y = torch.tensor([0] * 20 + [1] * 40 + [2] * 7)
+    x = torch.arange(len(y), dtype=torch.uint8).view(-1, 1, 1, 1)
+    data = C.TaskData(x, y, torch.device("cpu"))
+    train, val = C.hold_out(data, 0.15, seed=0)
+    assert [int((val.y == c).sum()) for c in range(3)] == [3, 6, 1]   # int(0.15 n)
+    assert len(train.y) + len(val.y) == len(y)
+    ids = set(train.x.flatten().tolist()) | set(val.x.flatten().tolist())
+    assert ids == set(range(len(y))) and not set(train.x.flatten().tolist()) & set(
+        val.x.flatten().tolist())
+    again, val2 = C.hold_out(data, 0.15, seed=0)
+    assert torch.equal(val.x, val2.x)                                   # same seed, same split
+    assert not torch.equal(C.hold_out(data, 0.15, seed=1)[1].x, val.x)
+    assert C.hold_out(data, 0.0, seed=0) == (data, None)
+    with pytest.raises(C.UserError, match="class 2"):
+        C.hold_out(data, 0.1, seed=0)                       # int(0.7) = 0 of class 2
