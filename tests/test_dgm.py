@@ -75,6 +75,30 @@ def test_mask_values_follow_the_sigmoid_of_s_times_e():
     assert G.mask(0, 0, 1e4)[0] < 1e-3 and G.mask(0, 0, 1e4)[3] > 1 - 1e-3
 
 
+@pytest.mark.parametrize("variant", ["w", "a"])
+def test_masks_gate_the_forward_pass(variant):
+    """Known answers: masks of 0 everywhere (e = -100) cut every path, so the image is
+    tanh(0) = 0 (no biases anywhere); masks of 1 (e = +100) give the unmasked network's
+    image; and DGM-a with one unit of the last masked layer closed equals the unmasked
+    network with that unit's outgoing weights set to 0."""
+    torch.manual_seed(0)
+    G = dgm.DGMGenerator(variant, 1, 10, ngf=2, nz=16)
+    G.add_task()
+    G.eval()
+    z, y = torch.randn(4, 16), torch.arange(4)
+    for l in range(3):
+        G.emb[l][0].data.fill_(-100.0)
+    assert torch.equal(G(z, y, 0, 1.0), torch.zeros(4, 1, 32, 32))
+    for l in range(3):
+        G.emb[l][0].data.fill_(100.0)
+    assert torch.allclose(G(z, y, 0, 1.0), G(z, y, 0, 1.0, masked=False), atol=1e-6)
+    if variant == "a":
+        G.emb[2][0].data[1] = -100.0
+        masked = G(z, y, 0, 1.0)
+        G.outs[0].weight.data[1] = 0.0
+        assert torch.allclose(masked, G(z, y, 0, 1.0, masked=False), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # Plasticity protection, expansion
 # ------------------------------------------------------------------------------------------
