@@ -83,7 +83,7 @@ def test_penalty_is_zero_at_the_source_and_grows_as_F_delta_squared():
     G = E.DCGANGenerator(1, 4, 8, 32)
     anchor = {k: p.detach().clone() for k, p in G.named_parameters()}
     fisher = {k: torch.rand_like(p) for k, p in G.named_parameters()}
-    assert float(E.ewc_penalty(G, fisher, anchor)) == 0.0
+    assert E.ewc_penalty(G, fisher, anchor).item() == 0.0
     name = "net.3.weight"
     p = dict(G.named_parameters())[name]
     for delta in (1e-2, 2e-2, 0.5):
@@ -91,7 +91,7 @@ def test_penalty_is_zero_at_the_source_and_grows_as_F_delta_squared():
             p.copy_(anchor[name])
             p[0, 0, 1, 2] += delta
         want = float(fisher[name][0, 0, 1, 2]) * delta ** 2
-        assert float(E.ewc_penalty(G, fisher, anchor)) == pytest.approx(want, rel=1e-4)
+        assert E.ewc_penalty(G, fisher, anchor).item() == pytest.approx(want, rel=1e-4)
     # the gradient of lambda * penalty is 2 lambda F (theta - theta_S)
     lam = 5e8
     (lam * E.ewc_penalty(G, fisher, anchor)).backward()
