@@ -975,7 +975,8 @@ def data_fingerprint(data, most=4096):
 
 
 def evaluator_cache(args, train):
-    """(cache file, dataset name) of the evaluator for this training data: under
+    """(cache file, dataset name, content fingerprint) of the evaluator for this training
+    data: under
     <data-root>/evaluators/, or, for `folder`, in <folder>-evaluators/ beside the image
     folder (so that it never becomes a class); named by dataset, image size and content
     (data_fingerprint)."""
@@ -983,18 +984,18 @@ def evaluator_cache(args, train):
     if args.dataset == "folder":
         folder = os.path.abspath(args.data_root)
         name, cache = "folder-" + os.path.basename(folder), folder + "-evaluators"
-    file = f"{name}-{train.x.shape[-1]}px-{data_fingerprint(train)}-v{EVALUATOR_VERSION}.pt"
-    return os.path.join(cache, file), name
+    content = data_fingerprint(train)
+    file = f"{name}-{train.x.shape[-1]}px-{content}-v{EVALUATOR_VERSION}.pt"
+    return os.path.join(cache, file), name, content
 
 
 def get_evaluator(args, train, test, n_classes, device, log=print):
     """The dataset's evaluator classifier, trained on the real training set and cached
     (evaluator_cache: one file per dataset, image size and content). Returns (model, real
     test accuracy in %)."""
-    path, name = evaluator_cache(args, train)
+    path, name, content = evaluator_cache(args, train)
     key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y),
-           "n_classes": n_classes, "version": EVALUATOR_VERSION,
-           "data": data_fingerprint(train)}
+           "n_classes": n_classes, "version": EVALUATOR_VERSION, "data": content}
     width, steps = classifier_budget(args.dataset, len(train.y))
     key = dict(key, width=width, steps=steps)
     model = Evaluator(train.x.shape[1], n_classes, width).to(device)
