@@ -18,15 +18,22 @@ weight to its source value, weighted by how much the source model relies on it:
 Every lambda in --ewc-lambda is adapted from the same source, Fisher and K images; lambda 0
 is plain fine-tuning, the baseline. The paper's lambda = 5e8 is tied to the scale of its
 StyleGAN's Fisher values; on our DCGANs (Fisher mean ~2e-4) it pins the generator to the
-source, and the default is 1e5, chosen by the sweep in docs/ewc_fewshot.md. The run ends
-with a side-by-side grid (targets, fine-tuning, EWC), a table of Frechet distance to the
-full target set and intra-cluster diversity, and the per-layer weight change rate of the
-paper's Section 3.1.
+source, and the default is 1e3: the lowest Frechet distance to the target in a sweep on seed
+0, then judged against fine-tuning on seeds 1-3 (docs/ewc_fewshot.md). The run ends with a
+side-by-side grid (targets, source, each lambda) and a table measured with a JOINT
+evaluator, a classifier trained on source and target images together to tell domain and
+class apart (so its features see colour as well as shape): the Frechet distance of generated
+images to the full target set and to the source set, the share of generated images it calls
+"target", the intra-cluster diversity (CDC's protocol, on an uncalibrated LPIPS-style
+distance), the balance lambda*sum F*d^2 / L_adv, and the per-layer weight change rate of the
+paper's Section 3.1 beside the per-layer mean Fisher. `--shots all` adapts to the whole
+target set (the Section 3.1 analysis).
 
     python ewc_fewshot.py                                   # MNIST -> SVHN, 10 shots (download)
     python ewc_fewshot.py --source synth --target synth-amber --dim 32 --source-iters 1500 \
-                          --iters 300                       # offline pair, ~4 CPU minutes
-    python ewc_fewshot.py --ewc-lambda 0,1e3,1e4,1e5,1e6,5e8  # the lambda sweep
+                          --iters 300                       # offline pair, ~3 CPU minutes
+    python ewc_fewshot.py --ewc-lambda 0,1e3,1e4,3e4,1e5,3e5,1e6,5e8  # the lambda sweep
+    python ewc_fewshot.py --shots all --ewc-lambda 0          # Section 3.1: abundant target
     python ewc_fewshot.py --source cifar10 --target folder --target-root my_portraits/
 
 MeRGAN's Table 1 baseline "EWC" (Eq. 9, one class per task on the conditional digit GAN) is
@@ -47,7 +54,18 @@ import torch.nn.functional as F
 import common as C
 
 PAPER_LAMBDA = 5e8        # Li et al.: lambda in all of the paper's experiments (StyleGAN)
-DEFAULT_LAMBDA = 1e5      # ours for the DCGANs here, from the sweep in docs/ewc_fewshot.md
+STATE_FORMAT = 2          # of checkpoint.pt; 2: the joint evaluator's metrics
+DEFAULT_LAMBDA = 1e3      # ours for the DCGANs here: the sweep in docs/ewc_fewshot.md
+
+
+def shots_arg(text):
+    """--shots: a count, or `all` (stored as None: the whole target training set)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or `all`, got {text!r}")
 
 
 def parse_args(argv=None):
@@ -80,8 +98,10 @@ def parse_args(argv=None):
                    "--data-root; for `folder`: the image folder)")
     f.add_argument("--target-root", default=None, help="data root of the target (default: "
                    "--data-root; for `folder`: a folder of images, sub-folders optional)")
-    f.add_argument("--shots", type=int, default=10, help="K, the number of target images "
-                   "adapted to (paper: 1-10); drawn from the target's training set by --seed")
+    f.add_argument("--shots", type=shots_arg, default=10, help="K, the number of target "
+                   "images adapted to (paper: 1-10), drawn from the target's training set by "
+                   "--seed; `all`: the whole target training set (the paper's Section 3.1 "
+                   "analysis with abundant target data; no diversity is measured then)")
     t = p.add_argument_group("training")
     t.add_argument("--source-iters", type=int, default=10000,
                    help="generator iterations of the source stage")
@@ -90,7 +110,7 @@ def parse_args(argv=None):
     t.add_argument("--iters", type=int, default=1000, help="adaptation iterations per lambda")
     t.add_argument("--ewc-lambda", default=None,
                    help="comma-separated lambdas, each adapted from the same source (0 = "
-                        "plain fine-tuning, the baseline; default 0,1e5; the paper's 5e8 "
+                        "plain fine-tuning, the baseline; default 0,1e3; the paper's 5e8 "
                         "pins our DCGANs to the source, see docs)")
     t.add_argument("--fisher-samples", type=int, default=1000,
                    help="generated images whose squared per-sample gradients are averaged "
@@ -105,6 +125,9 @@ def parse_args(argv=None):
     e.add_argument("--diversity-samples", type=int, default=1000,
                    help="generated images for the intra-cluster diversity (~1000 in the "
                         "papers that measure it)")
+    e.add_argument("--diversity-cap", type=int, default=50,
+                   help="at most this many random members of each cluster enter the "
+                        "intra-cluster diversity (CDC's protocol: 50; 0 = every member)")
     e.add_argument("--inception-fid", action="store_true",
                    help="also compute Inception FID (needs torchvision's Inception weights, "
                         "downloaded once)")
@@ -125,6 +148,9 @@ def parse_args(argv=None):
     # the run folder, checkpoints and --resume key on this name
     args.dataset = f"{args.source}-to-{args.target}"
     C.check_args(args)  # numbers in range: one clear line otherwise
+    if args.diversity_cap < 0 or args.diversity_cap == 1:
+        raise C.UserError("--diversity-cap must be 0 (every member) or at least 2, got "
+                          f"{args.diversity_cap}")
     return args
 
 
@@ -277,7 +303,9 @@ def load_loose_images(root, size):
 
 
 def pick_shots(x, k, seed):
-    """K target images drawn without replacement, reproducibly for a seed."""
+    """K target images drawn without replacement, reproducibly for a seed (k None: all of
+    them, in a seeded order)."""
+    k = len(x) if k is None else k
     if k > len(x):
         raise C.UserError(f"--shots {k}: the target has only {len(x)} images")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k]
@@ -337,8 +365,9 @@ def source_log_likelihood(D):
 def adapt(G_source, D_source, shots, fisher, lam, args, z_snap, snapshots=8):
     """Stage 3: fine-tune copies of the source G and D on the K shots for --iters steps,
     the generator with lambda * sum_i F_i (theta_i - theta_S,i)^2 added; the discriminator
-    is fine-tuned unregularised, as in the paper. Returns the adapted G and a list of sample
-    grids of z_snap taken during adaptation (for the GIF)."""
+    is fine-tuned unregularised, as in the paper. Returns the adapted G, a list of sample
+    grids of z_snap taken during adaptation (for the GIF) and the mean L_adv of the last
+    tenth of the iterations (the denominator of the penalty/adversarial balance)."""
     G, D = copy.deepcopy(G_source).train(), copy.deepcopy(D_source).train()
     anchor = {k: p.detach().clone() for k, p in G_source.named_parameters()}   # theta_S
     opt_G, opt_D = dcgan_adam(G, args.lr), dcgan_adam(D, args.lr)
@@ -348,16 +377,20 @@ def adapt(G_source, D_source, shots, fisher, lam, args, z_snap, snapshots=8):
 
     progress = C.Progress(args.iters, args.log_every, f"[adapt lambda={lam:g}] ")
     every = max(1, args.iters // snapshots)
+    tail = max(1, args.iters // 10)
+    adv_tail = torch.zeros((), device=shots.device)   # summed on the device: no host sync
     frames = []
     for it in range(args.iters):
         idx = torch.randint(len(shots), (args.batch_size,), device=shots.device)
         d, adv, pen = gan_step(G, D, opt_G, opt_D, C.to_float(shots[idx]), G.nz,
                                penalty if lam > 0 else None)
         progress.update(it, {"d_loss": d, "g_adv": adv, "ewc_penalty": pen})
+        if it >= args.iters - tail:
+            adv_tail += adv
         if (it + 1) % every == 0 or it + 1 == args.iters:
             with torch.no_grad():
                 frames.append(G(z_snap).cpu())
-    return G, frames
+    return G, frames, float(adv_tail) / tail
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,53 +423,124 @@ def perceptual_features(net, x, batch=250):
     return torch.cat(out)
 
 
-def intra_cluster_diversity(gen_feat, shot_feat):
-    """Assign each generated image to its nearest of the K training images; the mean
-    pairwise distance within each cluster (clusters of one image skipped), averaged over
-    clusters. Distances are squared Euclidean on `perceptual_features` (LPIPS-style).
-    Returns (diversity, cluster sizes)."""
-    assign = torch.cdist(gen_feat, shot_feat).argmin(1)
+def intra_cluster_diversity(gen_feat, shot_feat, cap=50, seed=0):
+    """The intra-cluster diversity of the paper's successors, as CDC (Ojha et al. 2021)
+    computes it: each generated image joins the cluster of its nearest of the K training
+    images; of each cluster at most `cap` random members are kept (0: all); the mean
+    distance over the pairs of members is taken per cluster; empty and one-member clusters
+    are dropped; the result is the mean over the remaining clusters. Distances are squared
+    Euclidean on `perceptual_features` (the uncalibrated LPIPS-style distance).
+    Returns (diversity or None when no cluster has two members, cluster sizes before the
+    cap, number of clusters averaged)."""
+    gen = torch.Generator().manual_seed(seed)
+    assign = torch.cdist(gen_feat, shot_feat).argmin(1).cpu()
     per_cluster, sizes = [], []
     for k in range(len(shot_feat)):
-        f = gen_feat[assign == k]
-        sizes.append(len(f))
-        if len(f) > 1:
+        members = (assign == k).nonzero().flatten()
+        sizes.append(len(members))
+        if cap and len(members) > cap:  # CDC: at most `cap` random members per cluster
+            members = members[torch.randperm(len(members), generator=gen)[:cap]]
+        if len(members) > 1:
+            f = gen_feat[members.to(gen_feat.device)]
             d = torch.cdist(f, f).square()
-            per_cluster.append(float(d.sum() / (len(f) * (len(f) - 1))))  # off-diagonal mean
-    return (float(np.mean(per_cluster)) if per_cluster else 0.0), sizes
+            per_cluster.append(float(d.sum() / (len(f) * (len(f) - 1))))  # mean over pairs
+    return (float(np.mean(per_cluster)) if per_cluster else None), sizes, len(per_cluster)
 
 
-def feature_net(args, target, device, channels):
-    """The network whose features measure distance and diversity: the target's evaluator
-    classifier (common.get_evaluator, trained on the labelled target training set and
-    cached) when the target has two or more classes; else a fixed random-init evaluator."""
-    x, y, names = target
-    if len(names) >= 2:
-        ns = argparse.Namespace(dataset=args.target, data_root=args.target_root)
-        tx, ty, _ = load_domain(args.target, args.target_root, False, x.shape[-1], channels,
-                                not args.no_download)
-        net, acc = C.get_evaluator(ns, C.TaskData(x, y, device), C.TaskData(tx, ty, device),
-                                   len(names), device)
-        return net, f"{args.target} evaluator (real test accuracy {acc:.1f}%)"
-    torch_state = torch.get_rng_state()
-    torch.manual_seed(0)
-    net = C.Evaluator(channels, 2).to(device).eval()
-    torch.set_rng_state(torch_state)
-    return net, "random-init evaluator, seed 0 (the target has no classes to train one)"
+JOINT_PER_DOMAIN = 10000  # images of each domain in the joint evaluator's training set
+
+
+def joint_evaluator(args, source, target, device):
+    """The evaluator of every few-shot metric: a classifier trained on source and target
+    images together, with one label per (domain, class): source classes first, then the
+    target's. Telling a grey 3 from an amber 3 needs colour, so its features see the
+    target's LOOK as well as its shapes (a target-only digit classifier barely sees colour).
+    Each domain contributes JOINT_PER_DOMAIN images (a seeded subset, or repeats of a smaller
+    set), so neither dominates. Trained once and cached (common.get_evaluator).
+    source/target: (train images, labels, class names, test images, test labels) with the
+    run's channels and size. Returns (net, number of source classes, description dict)."""
+    picks = []
+    for i, (x, y, names, tx, ty) in enumerate((source, target)):
+        g = torch.Generator().manual_seed(i)
+        idx = torch.randperm(len(x), generator=g)[:JOINT_PER_DOMAIN]
+        idx = idx.repeat(math.ceil(JOINT_PER_DOMAIN / len(idx)))[:JOINT_PER_DOMAIN]
+        tidx = torch.randperm(len(tx), generator=g)[:JOINT_PER_DOMAIN // 5]
+        offset = 0 if i == 0 else len(source[2])
+        picks.append((x[idx], y[idx] + offset, tx[tidx], ty[tidx] + offset))
+    n_src, n_classes = len(source[2]), len(source[2]) + len(target[2])
+    train = C.TaskData(torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks]),
+                       device)
+    test = C.TaskData(torch.cat([p[2] for p in picks]), torch.cat([p[3] for p in picks]),
+                      device)
+    # Cached under <target root>/evaluators/ (a `folder` target: beside the folder, never
+    # in it, where it would become an image class); the name says both domains, and the
+    # budget is that of the source's kind (common.classifier_budget).
+    root = args.target_root
+    if args.target == "folder":
+        root = os.path.dirname(os.path.abspath(args.target_root))
+    ns = argparse.Namespace(dataset=f"{args.source}+{args.target}", data_root=root)
+    net, acc = C.get_evaluator(ns, train, test, n_classes, device)
+    with torch.no_grad():
+        share = target_share(net, C.to_float(test.x), n_src, per_image=True)
+    domain_acc = 100.0 * float(((test.y >= n_src) == share).float().mean())
+    desc = {"name": f"joint {args.source}+{args.target} evaluator ({n_classes} classes: "
+                    f"{n_src} source + {n_classes - n_src} target)",
+            "class_accuracy": acc, "domain_accuracy": domain_acc, "n_train": len(train.y)}
+    return net, n_src, desc
 
 
 @torch.no_grad()
-def evaluate(G, net, target_feat, shots_float, args, device, inception=None):
-    """Frechet distance of generated images to the full target set on the feature net's
-    penultimate features (256-d; 128-d on the offline sets), intra-cluster diversity, and
-    optionally Inception FID."""
+def target_share(net, x, n_source_classes, per_image=False, batch=1000):
+    """The share of images x that the joint evaluator calls "target": the probability of
+    the target domain is the softmax mass of the target's classes; an image counts as
+    target when that is above 1/2. per_image: the boolean per image instead of the share."""
+    p = torch.cat([net(x[i:i + batch]).softmax(1)[:, n_source_classes:].sum(1)
+                   for i in range(0, len(x), batch)])
+    is_target = p > 0.5
+    return is_target if per_image else float(is_target.float().mean())
+
+
+# What each number in metrics.json is (written beside the results)
+METRIC_DEFINITIONS = {
+    "fd_to_target": "Frechet distance, generated vs every target training image, on the "
+                    "penultimate features of the joint source+target evaluator (not "
+                    "Inception FID)",
+    "fd_to_source": "the same distance to every source training image",
+    "target_share": "fraction of generated images that the joint evaluator assigns to the "
+                    "target domain (softmax mass of the target classes > 1/2)",
+    "intra_cluster_lpips_uncalibrated": "CDC's intra-cluster diversity: generated images "
+        "clustered by nearest shot, at most diversity_cap random members per cluster, mean "
+        "pairwise distance per cluster, clusters with < 2 members dropped, mean over the "
+        "rest; the distance is an uncalibrated LPIPS (unit-normalised activations of the "
+        "joint evaluator's three conv blocks, no learned layer weights), not VGG-LPIPS",
+    "clusters_used": "clusters that entered the diversity mean (of --shots)",
+    "weight_change_rate": "Section 3.1, per generator conv layer: "
+                          "||theta - theta_S||_1 / ||theta_S||_1 in %",
+    "ewc_penalty": "sum_i F_i (theta_i - theta_S,i)^2 at the end of adaptation (no lambda)",
+    "g_adv_final": "L_adv = -log D(G(z)), mean over the last tenth of the adaptation",
+    "penalty_over_adv": "lambda * ewc_penalty / g_adv_final: the scale-free balance of the "
+                        "two terms of the adaptation loss",
+}
+
+
+@torch.no_grad()
+def evaluate(G, ev, args, device, inception=None):
+    """Every few-shot metric of one generator (METRIC_DEFINITIONS), measured with the
+    joint evaluator `ev` (a dict: net, n_source_classes, target_feat, source_feat,
+    shot_feat or None when --shots all) and optionally Inception FID."""
     gen = sample(G, args.fd_samples, device)
-    res = {"frechet_distance": C.frechet_distance(C.features(net, gen), target_feat),
+    feat = C.features(ev["net"], gen)
+    res = {"fd_to_target": C.frechet_distance(feat, ev["target_feat"]),
+           "fd_to_source": C.frechet_distance(feat, ev["source_feat"]),
+           "target_share": target_share(ev["net"], gen, ev["n_source_classes"]),
            "fd_samples": args.fd_samples}
-    div_x = gen[:args.diversity_samples] if args.diversity_samples <= len(gen) else sample(
-        G, args.diversity_samples, device)
-    res["intra_cluster_diversity"], res["cluster_sizes"] = intra_cluster_diversity(
-        perceptual_features(net, div_x), perceptual_features(net, shots_float))
+    if ev["shot_feat"] is not None:
+        div_x = gen[:args.diversity_samples] if args.diversity_samples <= len(gen) else (
+            sample(G, args.diversity_samples, device))
+        div, sizes, used = intra_cluster_diversity(
+            perceptual_features(ev["net"], div_x), ev["shot_feat"], args.diversity_cap)
+        res.update(intra_cluster_lpips_uncalibrated=div, cluster_sizes=sizes,
+                   clusters_used=used)
     if inception is not None:
         net_i, real_i = inception
         res["inception_fid"] = C.frechet_distance(C.inception_features(net_i, gen), real_i)
@@ -496,7 +600,12 @@ def stage_fisher(G, D, args, state, out, device):
     fisher = {k: f.to(device) for k, f in fisher.items()}
     flat = torch.cat([f.flatten() for f in fisher.values()])
     state["fisher_stats"] = {"mean": float(flat.mean()), "max": float(flat.max()),
-                             "median": float(flat.median()), "n_params": len(flat)}
+                             "median": float(flat.median()), "sum": float(flat.sum()),
+                             "n_params": len(flat),
+                             # Section 3.1's companion: how much the source relies on each
+                             # conv layer (the layers of weight_change_rate)
+                             "per_layer_mean": {k: float(f.mean()) for k, f in fisher.items()
+                                                if f.dim() == 4}}
     print(f"Fisher over {len(flat)} generator parameters from {args.fisher_samples} samples: "
           f"mean {flat.mean():.3e}  median {flat.median():.3e}  max {flat.max():.3e}",
           flush=True)
@@ -514,13 +623,16 @@ def stage_adapt(G, D, shots, fisher, lam, args, state, out, z_grid, evaluate_G):
         print(f"adaptation lambda={key}: resumed from the checkpoint", flush=True)
         return G_ad, list(state["frames"][key])
     t0 = time.time()
-    G_ad, frames = adapt(G, D, shots, fisher, lam, args, z_grid)
+    G_ad, frames, adv = adapt(G, D, shots, fisher, lam, args, z_grid)
     G_ad.eval()
     with torch.no_grad():
         pen = float(ewc_penalty(G_ad, fisher, dict(G.named_parameters())))
     res = evaluate_G(G_ad)
     res.update(weight_change_rate=weight_change_rate(G, G_ad), ewc_penalty=pen,
-               lambda_times_penalty=lam * pen, seconds=time.time() - t0)
+               lambda_times_penalty=lam * pen, g_adv_final=adv,
+               # the scale-free balance of the two terms of the adaptation loss at the end
+               penalty_over_adv=lam * pen / adv if adv > 0 else float("nan"),
+               seconds=time.time() - t0)
     state["results"][key] = res
     state["adapted"][key] = G_ad.state_dict()
     state.setdefault("frames", {})[key] = frames
@@ -528,9 +640,10 @@ def stage_adapt(G, D, shots, fisher, lam, args, state, out, z_grid, evaluate_G):
     return G_ad, frames
 
 
-def report(args, out, G, shots, z_grid, grids, gif_frames, state, net_name, n_target):
+def report(args, out, G, shots, z_grid, grids, gif_frames, state, ev_desc, n_target, n_source):
     """The side-by-side grid (shots, source, each lambda), the adaptation GIF and the
-    tables: FD to the target and diversity per generator, weight change rate per layer."""
+    tables: the joint evaluator's measures and the loss balance per generator, then the
+    weight change rate per layer beside the layer's mean Fisher (Section 3.1)."""
     rows = [C.to_float(shots[:10]).cpu()]
     rows[0] = torch.cat([rows[0], torch.ones(10 - len(rows[0]), *rows[0].shape[1:])])
     with torch.no_grad():
@@ -543,7 +656,8 @@ def report(args, out, G, shots, z_grid, grids, gif_frames, state, net_name, n_ta
                 for i in range(n_frames)], os.path.join(out, "adaptation.gif"))
 
     results = state["results"]
-    header = ["generator", "FD to target", "intra-cluster div."] + (
+    header = ["generator", "FD to target", "FD to source", "target share",
+              "intra-cl. LPIPS*", "clusters", "lam*F*d^2/L_adv"] + (
         ["Inception FID"] if args.inception_fid else [])
     table = []
     for key in ["source"] + [f"{lam:g}" for lam in args.lambdas]:
@@ -551,20 +665,31 @@ def report(args, out, G, shots, z_grid, grids, gif_frames, state, net_name, n_ta
         name = "source (no adaptation)" if key == "source" else (
             "fine-tuning (lambda 0)" if float(key) == 0 else f"EWC lambda {key}"
             + (" (paper)" if float(key) == PAPER_LAMBDA else ""))
-        table.append([name, r["frechet_distance"], r["intra_cluster_diversity"]]
+        div = r.get("intra_cluster_lpips_uncalibrated")
+        table.append([name, r["fd_to_target"], r["fd_to_source"], r["target_share"],
+                      "-" if div is None else f"{div:.3f}",
+                      f"{r['clusters_used']}/{len(r['cluster_sizes'])}" if "clusters_used"
+                      in r else "-",
+                      f"{r['penalty_over_adv']:.3g}" if "penalty_over_adv" in r else "-"]
                      + ([r["inception_fid"]] if args.inception_fid else []))
-    print(f"\n{args.source} -> {args.target}, {args.shots} shots, {args.iters} adaptation "
-          f"iterations; FD on {net_name} features, {args.fd_samples} generated vs "
-          f"{n_target} target images; diversity: LPIPS-style distance on the same net's "
-          f"conv features, {args.diversity_samples} samples")
+    k = "all" if args.shots is None else args.shots
+    print(f"\n{args.source} -> {args.target}, {k} shots, {args.iters} adaptation "
+          f"iterations. Measured with the {ev_desc['name']}: FD on its penultimate features, "
+          f"{args.fd_samples} generated vs {n_target} target / {n_source} source training "
+          f"images; target share: generated images it assigns to the target; *intra-cluster "
+          f"diversity on an uncalibrated LPIPS-style distance (its conv features), "
+          f"{args.diversity_samples} samples, at most {args.diversity_cap or 'all'} per "
+          "cluster")
     print(C.fmt_table(header, table))
     layers = list(results[f"{args.lambdas[0]:g}"]["weight_change_rate"])
-    wc_rows = [[f"layer {i + 1} ({k})"] + [results[f"{lam:g}"]["weight_change_rate"][k]
-                                           for lam in args.lambdas]
+    fisher_mean = state["fisher_stats"]["per_layer_mean"]
+    wc_rows = [[f"layer {i + 1} ({k})", f"{fisher_mean[k]:.2e}"]
+               + [results[f"{lam:g}"]["weight_change_rate"][k] for lam in args.lambdas]
                for i, k in enumerate(layers)]
     print("\naverage weight change rate per layer, ||theta - theta_S||_1 / ||theta_S||_1 (%) "
-          "(the paper's Section 3.1)")
-    print(C.fmt_table(["layer"] + [f"lambda {lam:g}" for lam in args.lambdas], wc_rows))
+          "(the paper's Section 3.1), beside the layer's mean Fisher")
+    print(C.fmt_table(["layer", "mean Fisher"] + [f"lambda {lam:g}" for lam in args.lambdas],
+                      wc_rows))
 
 
 # ------------------------------------------------------------------------------------------
@@ -574,7 +699,12 @@ def main(argv=None):
     print(f"device: {device}", flush=True)
     C.seed_everything(args.seed)
     out, ckpt = C.prepare_run(args, "ewc_fewshot")
-    state = ckpt or {"args": vars(args), "adapted": {}, "results": {}, "seconds": {}}
+    if ckpt is not None and ckpt.get("format") != STATE_FORMAT:
+        raise C.UserError(f"--resume: {out} was written by an older ewc_fewshot.py (other "
+                          "metrics); start a new run, e.g. with --source-ckpt "
+                          f"{os.path.join(out, 'source.pt')}")
+    state = ckpt or {"args": vars(args), "adapted": {}, "results": {}, "seconds": {},
+                     "format": STATE_FORMAT}
     t_start = time.time()
 
     # The target and its K shots. The run's channels and size follow the target.
@@ -584,11 +714,11 @@ def main(argv=None):
     args.image_size = size
     shots, shot_idx = pick_shots(tx, args.shots, args.seed)
     shots = shots.to(device)
-    print(f"target {args.target}: {len(tx)} images {tuple(tx.shape[1:])}, {args.shots} shots "
-          f"(indices {shot_idx.tolist()[:10]}{' ...' if args.shots > 10 else ''}); "
+    print(f"target {args.target}: {len(tx)} images {tuple(tx.shape[1:])}, {len(shots)} shots "
+          f"(indices {shot_idx.tolist()[:10]}{' ...' if len(shots) > 10 else ''}); "
           f"run folder {out}", flush=True)
-    imageio.imwrite(os.path.join(out, "shots.png"),
-                    C.image_grid(C.to_float(shots), nrow=min(10, args.shots)))
+    imageio.imwrite(os.path.join(out, "shots.png"),  # at most 100 of them
+                    C.image_grid(C.to_float(shots[:100]), nrow=min(10, len(shots))))
     G = DCGANGenerator(channels, args.dim, args.nz, size).to(device)
     D = DCGANDiscriminator(channels, args.dim, size).to(device)
     dcgan_init(G)  # D initialises itself (spectral norm)
@@ -605,18 +735,31 @@ def main(argv=None):
     # Stage 2: the Fisher information from the frozen source discriminator.
     fisher = stage_fisher(G, D, args, state, out, device)
 
-    # Evaluation set-up: feature net, the full target set's features.
-    net, net_name = feature_net(args, (tx, ty, tnames), device, channels)
-    target_float = C.to_float(tx.to(device))
-    target_feat = C.features(net, target_float)
+    # Evaluation set-up: the joint source+target evaluator and the features of the full
+    # target and source sets (and of the shots, the cluster centres of the diversity).
+    sx, sy, snames = load_domain(args.source, args.source_root, True, size, channels,
+                                 not args.no_download)
+    stx, sty, _ = load_domain(args.source, args.source_root, False, size, channels,
+                              not args.no_download)
+    ttx, tty, _ = load_domain(args.target, args.target_root, False, size, channels,
+                              not args.no_download)
+    net, n_src, ev_desc = joint_evaluator(args, (sx, sy, snames, stx, sty),
+                                          (tx, ty, tnames, ttx, tty), device)
+    ev = {"net": net, "n_source_classes": n_src,
+          "target_feat": C.features(net, C.to_float(tx.to(device))),
+          "source_feat": C.features(net, C.to_float(sx.to(device))),
+          "shot_feat": (perceptual_features(net, C.to_float(shots))
+                        if args.shots is not None else None)}
     inception = None
     if args.inception_fid:
         net_i = C.inception_net(device)
-        inception = (net_i, C.inception_features(net_i, target_float))
-    print(f"feature net: {net_name}", flush=True)
+        inception = (net_i, C.inception_features(net_i, C.to_float(tx.to(device))))
+    print(f"evaluator: {ev_desc['name']}; held-out class accuracy "
+          f"{ev_desc['class_accuracy']:.1f}%, domain accuracy "
+          f"{ev_desc['domain_accuracy']:.1f}%", flush=True)
 
     def evaluate_G(G_eval):
-        return evaluate(G_eval, net, target_feat, C.to_float(shots), args, device, inception)
+        return evaluate(G_eval, ev, args, device, inception)
     if "source" not in state["results"]:
         state["results"]["source"] = evaluate_G(G)
 
@@ -630,15 +773,17 @@ def main(argv=None):
         imageio.imwrite(os.path.join(out, f"samples_lambda{lam:g}.png"),
                         C.image_grid(sample(G_ad, 64, device).cpu(), nrow=8))
 
-    report(args, out, G, shots, z_grid, grids, gif_frames, state, net_name, len(tx))
+    report(args, out, G, shots, z_grid, grids, gif_frames, state, ev_desc, len(tx), len(sx))
     metrics = {"method": "ewc-fewshot", "source": args.source, "target": args.target,
-               "shots": args.shots, "shot_indices": shot_idx.tolist(),
-               "feature_net": net_name, "lambdas": args.lambdas, "results": state["results"],
+               "shots": args.shots if args.shots is not None else "all",
+               "shot_indices": shot_idx.tolist() if args.shots is not None else "all",
+               "evaluator": ev_desc, "metric_definitions": METRIC_DEFINITIONS,
+               "lambdas": args.lambdas, "results": state["results"],
                "fisher": state["fisher_stats"], "device": str(device),
                "seconds": {**state["seconds"], "total_this_call": time.time() - t_start},
                "args": vars(args)}
     C.save_json(os.path.join(out, "metrics.json"), metrics)
-    print(f"-> {out}/comparison.png (rows: {args.shots} shots, source, "
+    print(f"-> {out}/comparison.png (rows: {min(10, len(shots))} shots, source, "
           + ", ".join(f"lambda {lam:g}" for lam in args.lambdas)
           + f"), adaptation.gif, metrics.json", flush=True)
     return metrics

@@ -188,6 +188,12 @@ def ewc_penalty(G, fisher, anchor):
     return sum((fisher[k] * (p - anchor[k]).square()).sum() for k, p in G.named_parameters())
 
 
+def ewc_term(G, ewc_lambda, fisher, anchor):
+    """Eq. (9)'s regulariser: (lambda_EWC / 2) sum_i F_{t-1,i} (theta_i - theta_{t-1,i})^2
+    (the 1/2 is the paper's; the few-shot EWC of ewc_fewshot.py has none)."""
+    return (ewc_lambda / 2) * ewc_penalty(G, fisher, anchor)
+
+
 def fisher_information(G, D, classes, n, lambda_cls, batch=50):
     """Diagonal Fisher of G's parameters after a task: F_i = mean over n generated samples of
     (d log L(x_j) / d theta_i)^2, one backward pass PER SAMPLE (the square of a mean
@@ -280,7 +286,7 @@ def train_task(t, G, D, env, args, ewc=None):
     penalty = None
     if args.mode == "ewc" and t > 0:  # Eq. (9), from the second task on
         fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
-        penalty = lambda: (args.ewc_lambda / 2) * ewc_penalty(G, fisher, anchor)  # noqa: E731
+        penalty = lambda: ewc_term(G, args.ewc_lambda, fisher, anchor)  # noqa: E731
 
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
         for _ in range(args.critic_iters):

@@ -3,6 +3,7 @@ lambda, the evaluation measures, end-to-end few-shot runs, user errors. (MeRGAN'
 EWC baseline is `mergan_jtr.py --mode ewc`, tested in test_mergan.py.)"""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,22 +61,56 @@ def test_fisher_is_the_mean_of_squared_per_sample_gradients():
     assert (fisher["w"] > g_w.mean(0).square()).all()   # Jensen: E[g^2] >= E[g]^2
 
 
-def test_fisher_of_the_dcgan_uses_the_frozen_discriminator_only():
-    """The Fisher stage gives every generator parameter a non-negative value, touches no
-    discriminator weight and leaves both networks unchanged."""
+def test_fisher_log_likelihood_is_log_d_of_real_from_the_frozen_discriminator():
+    """log L(x | theta) = log D_S(G(z)) = log sigmoid(logit): the discriminator's
+    log-probability that the generated image is REAL. Known answers for logits 0, 2, -3:
+    log 1/2, -0.126928, -3.048587 (log(1 - D) or a missing sign give other numbers)."""
+    class Fixed(nn.Module):  # a "generator" of three constant images, means 0, 2, -3
+        nz = 4
+
+        def __init__(self):
+            super().__init__()
+            self.level = nn.Parameter(torch.tensor([0.0, 2.0, -3.0]))
+
+        def forward(self, z):
+            return self.level.view(3, 1, 1, 1).expand(3, 1, 8, 8)
+
+    class MeanLogit(nn.Module):  # logit = the image's mean
+        def forward(self, x):
+            return x.flatten(1).mean(1)
+
+    ll = E.source_log_likelihood(MeanLogit())(Fixed(), 3)
+    want = torch.tensor([math.log(0.5), -0.126928011, -3.048587352])
+    assert torch.allclose(ll.detach(), want, atol=1e-6), ll
+
+
+def test_fisher_of_the_dcgan_comes_from_the_frozen_discriminator():
+    """The Fisher stage gives every generator parameter a value of its shape, leaves both
+    networks unchanged, does not depend on whether D's weights require gradients, and is
+    exactly 0 under a discriminator that ignores its input (log L then has no gradient)."""
     torch.manual_seed(0)
     G, D = E.DCGANGenerator(1, 4, 8, 32), E.DCGANDiscriminator(1, 4, 32)
     D(torch.zeros(2, 1, 32, 32))  # one training-mode pass: spectral norm's u, v settle
-    D.eval().requires_grad_(False)
+    D.eval()
     g0, d0 = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
-    fisher = E.fisher_information(G, E.source_log_likelihood(D), n=6, batch=4)
+    fishers = []
+    for frozen in (True, False):
+        D.requires_grad_(not frozen)
+        torch.manual_seed(1)
+        fishers.append(E.fisher_information(G, E.source_log_likelihood(D), n=6, batch=4))
+    fisher = fishers[0]
     assert set(fisher) == {k for k, _ in G.named_parameters()}
-    assert all((f >= 0).all() and f.shape == p.shape for (k, p), f in
-               zip(G.named_parameters(), fisher.values()))
+    assert all(f.shape == p.shape for (k, p), f in zip(G.named_parameters(), fisher.values()))
     assert sum(float(f.sum()) for f in fisher.values()) > 0
-    assert all(p.grad is None for p in D.parameters())
+    assert all(torch.equal(fisher[k], fishers[1][k]) for k in fisher)
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in g0.items())
     assert all(torch.equal(v, D.state_dict()[k]) for k, v in d0.items())
+
+    class Blind(nn.Module):  # the same logit, 1.5, whatever the image
+        def forward(self, x):
+            return 0 * x.flatten(1).sum(1) + 1.5
+    blind = E.fisher_information(G, E.source_log_likelihood(Blind()), n=4, batch=2)
+    assert all(float(f.abs().sum()) == 0.0 for f in blind.values())
 
 
 def test_penalty_is_zero_at_the_source_and_grows_as_F_delta_squared():
@@ -143,7 +178,8 @@ def test_huge_lambda_stays_at_the_source_and_zero_lambda_moves():
     out = {}
     for lam in (0.0, 1e12):
         torch.manual_seed(1)
-        G_ad, frames = E.adapt(G, D, shots, fisher, lam, args, z)
+        G_ad, frames, adv = E.adapt(G, D, shots, fisher, lam, args, z)
+        assert adv > 0  # the mean L_adv = -log D(G(z)) of the last 4 iterations
         out[lam] = moved(G, G_ad)
         assert len(frames) == 8 and frames[0].shape == (2, 3, 32, 32)
     assert out[0.0] > 0.05, out
@@ -154,36 +190,103 @@ def test_huge_lambda_stays_at_the_source_and_zero_lambda_moves():
 # Evaluation measures
 # ------------------------------------------------------------------------------------------
 def test_intra_cluster_diversity_known_answer():
-    """Two shots at (0,0) and (10,0); generated points (0,1), (0,-1), (1,0) near the first
-    and (10,2), (10,4) near the second, one point at (20,0) alone near the second... The
-    mean squared pairwise distance within each cluster, averaged over clusters."""
-    shots = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
-    gen = torch.tensor([[0.0, 1.0], [0.0, -1.0], [1.0, 0.0], [10.0, 2.0], [10.0, 4.0]])
-    div, sizes = E.intra_cluster_diversity(gen, shots)
-    c1 = (4 + 2 + 2) / 3          # pairs: (0,1)-(0,-1) 4, (0,1)-(1,0) 2, (0,-1)-(1,0) 2
-    c2 = 4.0                      # (10,2)-(10,4)
-    assert sizes == [3, 2]
-    assert div == pytest.approx((c1 + c2) / 2)
-    # copies of the shots have zero diversity
+    """Four shots: (0,0) gets 3 generated points, (10,0) gets 2, (20,0) one (a singleton,
+    dropped), (-10,0) none (empty, dropped). Squared distances within the clusters:
+    (0,1)-(0,-1) 4, (0,1)-(1,0) 2, (0,-1)-(1,0) 2 -> mean 8/3; (10,2)-(10,4) 4. The
+    diversity is the mean over the two clusters that have pairs."""
+    shots = torch.tensor([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [-10.0, 0.0]])
+    gen = torch.tensor([[0.0, 1.0], [0.0, -1.0], [1.0, 0.0], [10.0, 2.0], [10.0, 4.0],
+                        [20.0, 1.0]])
+    div, sizes, used = E.intra_cluster_diversity(gen, shots)
+    assert sizes == [3, 2, 1, 0] and used == 2
+    assert div == pytest.approx((8 / 3 + 4.0) / 2)
+    # copies of the shots have zero diversity; all singletons: nothing to measure
     assert E.intra_cluster_diversity(shots.repeat(5, 1), shots)[0] == 0.0
+    assert E.intra_cluster_diversity(shots, shots) == (None, [1, 1, 1, 1], 0)
 
 
-def test_perceptual_features_give_the_lpips_style_distance():
-    """||phi(a) - phi(b)||^2 = sum over the 3 conv blocks of mean_hw ||f_a - f_b||^2 with
-    channel-normalised activations (after each block's ReLU), computed here directly."""
-    torch.manual_seed(0)
-    net = C.Evaluator(3, 10, width=8).eval()
-    a, b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    want, ha, hb = 0.0, a, b
+def test_intra_cluster_diversity_caps_members_per_cluster_like_cdc():
+    """One cluster of 4 points on a line, 0, 1, 3, 7 (squared distances 1, 9, 49, 4, 36,
+    16): all pairs give 115/6; with cap 3 the value is the pair mean of one of the four
+    3-member subsets (14/3, 74/3, 86/3, 56/3), never the full one; cap 0 or >= 4: all."""
+    shots = torch.tensor([[0.0, 0.0]])
+    gen = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [7.0, 0.0]])
+    full = 115 / 6
+    assert E.intra_cluster_diversity(gen, shots, cap=0)[0] == pytest.approx(full)
+    assert E.intra_cluster_diversity(gen, shots, cap=4)[0] == pytest.approx(full)
+    subsets = [14 / 3, 74 / 3, 86 / 3, 56 / 3]
+    got = [E.intra_cluster_diversity(gen, shots, cap=3, seed=s)[0] for s in range(20)]
+    which = {min(range(4), key=lambda i: abs(g - subsets[i])) for g in got}
+    assert all(min(abs(g - v) for v in subsets) < 1e-4 for g in got), got
+    assert len(which) >= 2, got  # different seeds draw different members
+    assert E.intra_cluster_diversity(gen, shots, cap=3)[1] == [4]  # sizes before the cap
+
+
+def test_perceptual_distance_known_answer():
+    """A hand-set evaluator (width 1: 1, 2, 4 channels): block 1 passes the pixel, block 2
+    gives (pixel, 1), block 3 a constant (1, 1, 1, 1). For a constant +1 image a and a
+    constant -1 image b the channel-normalised activations are: block 1 (1) vs (0): 1 per
+    position; block 2 (1,1)/sqrt2 vs (0,1): 2 - sqrt2; block 3 equal: 0. The distance is
+    the sum over blocks of the MEAN over positions: 3 - sqrt2, whatever the image size
+    (the mean over positions, not the sum)."""
+    net = C.Evaluator(1, 2, width=1).eval()
+    convs = [m for m in net.body if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        for m in net.body:
-            ha, hb = m(ha), m(hb)
-            if isinstance(m, nn.ReLU) and ha.dim() == 4:
-                na = ha / (ha.square().sum(1, keepdim=True).sqrt() + 1e-10)
-                nb = hb / (hb.square().sum(1, keepdim=True).sqrt() + 1e-10)
-                want += float((na - nb).square().sum(1).mean())
-    fa, fb = E.perceptual_features(net, a), E.perceptual_features(net, b)
-    assert float((fa - fb).square().sum()) == pytest.approx(want, rel=1e-5)
+        for c in convs:
+            c.weight.zero_(), c.bias.zero_()
+        convs[0].weight[0, 0, 1, 1] = 1.0
+        convs[1].weight[0, 0, 1, 1] = 1.0
+        convs[1].bias[1] = 1.0
+        convs[2].bias.fill_(1.0)
+    a, b = torch.ones(1, 1, 32, 32), -torch.ones(1, 1, 32, 32)
+    d = lambda u, v: float((E.perceptual_features(net, u)
+                            - E.perceptual_features(net, v)).square().sum())
+    assert d(a, b) == pytest.approx(3 - math.sqrt(2), rel=1e-6)
+    # 3a: block 2 is (3, 1)/sqrt10 vs (0, 1): 9/10 + (1 - 1/sqrt10)^2
+    assert d(3 * a, b) == pytest.approx(1 + 0.9 + (1 - 10 ** -0.5) ** 2, rel=1e-6)
+    assert d(a[..., :16, :16], b[..., :16, :16]) == pytest.approx(3 - math.sqrt(2), rel=1e-6)
+    assert d(a, a) == 0.0
+
+
+def test_target_share_is_the_softmax_mass_of_the_target_classes():
+    """2 source + 2 target classes. Logits (0,0,0,0): target mass exactly 1/2, not above
+    it -> source; (0,0,1,0): (e+1)/(e+3) = 0.686 -> target; (5,0,0,0) -> source;
+    (0,0,0,3) -> target. Share 1/2."""
+    logits = torch.tensor([[0.0, 0, 0, 0], [0, 0, 1, 0], [5, 0, 0, 0], [0, 0, 0, 3]])
+
+    class Table(nn.Module):
+        def forward(self, x):
+            return logits[x.flatten(1)[:, 0].long()]
+    x = torch.arange(4.0).view(4, 1, 1, 1)
+    assert E.target_share(Table(), x, 2, per_image=True).tolist() == [False, True, False,
+                                                                       True]
+    assert E.target_share(Table(), x, 2, batch=3) == 0.5
+
+
+def test_joint_evaluator_sees_the_targets_look(data_root):
+    """The evaluator of every few-shot metric, trained on synth + synth-amber (the same
+    digits; white on black vs amber on navy): held-out images of each domain are assigned
+    to their own domain, and on its features the source's own images are far from the
+    target set while the target's held-out images are close. (A target-only digit
+    classifier put the grey source as close to the amber target as a good adaptation.)"""
+    args = E.parse_args(["--source", "synth", "--target", "synth-amber", "--data-root",
+                         data_root])
+    dom = {}
+    for name in ("synth", "synth-amber"):
+        x, y, names = E.load_domain(name, None, True, 32, 3, False)
+        tx, ty, _ = E.load_domain(name, None, False, 32, 3, False)
+        dom[name] = (x, y, names, tx, ty)
+    net, n_src, desc = E.joint_evaluator(args, dom["synth"], dom["synth-amber"],
+                                         torch.device("cpu"))
+    assert n_src == 10 and desc["class_accuracy"] > 90 and desc["domain_accuracy"] > 99
+    src_test = C.to_float(dom["synth"][3][:1000])
+    tgt_test = C.to_float(dom["synth-amber"][3][:1000])
+    assert E.target_share(net, tgt_test, n_src) > 0.99
+    assert E.target_share(net, src_test, n_src) < 0.01
+    tgt_feat = C.features(net, C.to_float(dom["synth-amber"][0][:2000]))
+    fd_tgt = C.frechet_distance(C.features(net, tgt_test), tgt_feat)
+    fd_src = C.frechet_distance(C.features(net, src_test), tgt_feat)
+    assert fd_src > 10 * fd_tgt, (fd_src, fd_tgt)
 
 
 def test_domains_convert_channels_and_folders_of_loose_images(tmp_path):
@@ -222,12 +325,21 @@ def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
         assert (out / f).exists(), f
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "ewc-fewshot" and m["shots"] == 5 and m["lambdas"] == [0.0, 1e6]
+    assert m["evaluator"]["name"].startswith("joint synth+synth-amber evaluator (20 classes")
     for key in ("source", "0", "1e+06"):
-        assert m["results"][key]["frechet_distance"] > 0
-        assert m["results"][key]["intra_cluster_diversity"] >= 0
-    assert len(m["results"]["1e+06"]["weight_change_rate"]) == 4
+        r = m["results"][key]
+        assert r["fd_to_target"] > 0 and r["fd_to_source"] > 0, r
+        share = 100 * r["target_share"]  # a share of 100 images
+        assert 0 <= share <= 100 and abs(share - round(share)) < 1e-4, r
+        assert sum(r["cluster_sizes"]) == 100 and len(r["cluster_sizes"]) == 5, r
+        assert r["clusters_used"] == sum(n > 1 for n in r["cluster_sizes"]), r
+        assert set(r) - {"fd_samples", "cluster_sizes", "seconds", "lambda_times_penalty"} \
+            <= set(m["metric_definitions"]), r  # every number is defined beside it
+    r = m["results"]["1e+06"]
+    assert len(r["weight_change_rate"]) == 4
+    assert r["penalty_over_adv"] == pytest.approx(1e6 * r["ewc_penalty"] / r["g_adv_final"])
     assert m["results"]["0"]["ewc_penalty"] > 0  # fine-tuning moved away from theta_S
-    assert "synth-amber evaluator" in m["feature_net"]
+    assert list(m["fisher"]["per_layer_mean"]) == list(r["weight_change_rate"])
 
     r2 = run_script(*flags, "--out", str(out), "--resume")
     assert r2.returncode == 0, r2.stderr
@@ -236,15 +348,22 @@ def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["results"] == m["results"]
 
+    # Section 3.1's setting: a new run from the source checkpoint, adapted to the whole
+    # target training set; no diversity (there are no few shots to cluster around)
     r3 = run_script(*flags, "--out", str(tmp_path / "run2"), "--source-ckpt",
-                    str(out / "source.pt"), "--ewc-lambda", "0")
+                    str(out / "source.pt"), "--ewc-lambda", "0", "--shots", "all")
     assert r3.returncode == 0, r3.stderr
     assert "[source]" not in r3.stdout and "source: loaded" in r3.stdout
+    assert "10000 shots" in r3.stdout
+    m3 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert m3["shots"] == "all" and m3["shot_indices"] == "all"
+    assert "intra_cluster_lpips_uncalibrated" not in m3["results"]["0"]
+    assert m3["results"]["0"]["fd_to_target"] > 0
 
 
 def test_fewshot_to_a_folder_of_my_own_images(tmp_path, data_root):
-    """--target folder --target-root DIR with loose images: one class, so the feature net
-    is the fixed random-init evaluator, and the run says so."""
+    """--target folder --target-root DIR with loose images: one target class, so the
+    joint evaluator has the source's 10 classes and this one."""
     import imageio.v2 as imageio
     imgs, _ = C.make_synth(1, seed=6, color=True)
     d = tmp_path / "portraits"
@@ -258,14 +377,19 @@ def test_fewshot_to_a_folder_of_my_own_images(tmp_path, data_root):
                    "--out", str(tmp_path / "run"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["feature_net"].startswith("random-init evaluator")
+    assert m["evaluator"]["name"].startswith("joint synth+folder evaluator (11 classes: 10 "
+                                             "source + 1 target)")
+    assert not os.path.exists(d / "evaluators")  # the cache is beside the folder, not in it
+    assert os.path.isdir(tmp_path / "evaluators")
 
 
 def test_user_errors_are_one_line(tmp_path):
     cases = [(["--source", "nope"], "unknown dataset 'nope'"),
              (["--ewc-lambda", "a,b"], "--ewc-lambda must be comma-separated numbers"),
              (["--source", "synth", "--target", "synth-amber", "--shots", "0"],
-              "--shots must be at least 1")]
+              "--shots must be at least 1"),
+             (["--source", "synth", "--target", "synth-amber", "--diversity-cap", "1"],
+              "--diversity-cap must be 0 (every member) or at least 2")]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     cases.append((["--source", "synth", "--target", "synth-amber", "--source-ckpt", str(bad),
@@ -278,29 +402,34 @@ def test_user_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
-@pytest.mark.parametrize("seed", [0])
-def test_ewc_keeps_diversity_that_fine_tuning_loses(tmp_path, data_root, seed):
-    """The paper's claim on the offline pair synth -> synth-amber (same digit shapes, amber
-    on navy instead of white on black), 10 shots: all three stages, 1,500 source and 300
-    adaptation iterations at width 32 (about 4 CPU minutes). Plain fine-tuning collapses
-    onto copies of a few shots; EWC (lambda 1e5) keeps the source's variety.
-    Measured (intra-cluster diversity FT / EWC; FD FT / EWC), seed 0: 0.18 / 0.70,
-    490 / 317; seeds 1 and 2 (an earlier revision, docs/ewc_fewshot.md): 0.06 / 0.56,
-    872 / 353 and 0.14 / 0.54, 740 / 698. Asserted:
-    EWC's diversity at least 2x fine-tuning's and 0.2 above it, and its Frechet distance
-    to the full target set not worse than fine-tuning's."""
+def test_ewc_adapts_with_more_diversity_than_fine_tuning(tmp_path, data_root):
+    """The paper's claim on the offline pair synth -> synth-amber (same digit shapes, white
+    on black vs amber on navy), 10 shots, judged by the joint evaluator (it sees the
+    target's look): all three stages, 1,500 source and 300 adaptation iterations at width
+    32 (about 3 CPU minutes), seed 1. lambda 1e3 was chosen on seed 0 (lowest FD to the
+    target in the sweep of docs/ewc_fewshot.md); the margins below hold on each of the
+    judged seeds 1, 2, 3, measured (fine-tuning / EWC):
+      FD to target       982 / 430    288 / 167    338 / 222   (EWC/FT at most 0.65)
+      target share      1.00 / 1.00  1.00 / 0.99  1.00 / 1.00
+      intra-cluster div 0.15 / 0.39  0.23 / 0.45  0.19 / 0.32  (EWC - FT at least 0.13)
+    and the source itself: FD to target 1568 / 1892 / 1733, target share 0."""
     out = tmp_path / "run"
     r = run_script("--source", "synth", "--target", "synth-amber", "--dim", "32",
                    "--source-iters", "1500", "--iters", "300", "--fisher-samples", "300",
                    "--fd-samples", "500", "--diversity-samples", "500", "--log-every", "500",
-                   "--ewc-lambda", "0,1e5", "--seed", str(seed), "--data-root", data_root,
+                   "--ewc-lambda", "0,1e3", "--seed", "1", "--data-root", data_root,
                    "--out", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "metrics.json").read_text())["results"]
-    ft, ewc = res["0"], res["100000"]
-    assert ewc["intra_cluster_diversity"] >= 2 * ft["intra_cluster_diversity"], res
-    assert ewc["intra_cluster_diversity"] >= ft["intra_cluster_diversity"] + 0.2, res
-    assert ewc["frechet_distance"] <= ft["frechet_distance"], res
-    # Section 3.1: fine-tuning moves every layer far more than EWC does
+    src, ft, ewc = res["source"], res["0"], res["1000"]
+    div = "intra_cluster_lpips_uncalibrated"
+    # both adapted: the evaluator calls their images target, the source's not
+    assert src["target_share"] <= 0.05 and ft["target_share"] >= 0.95, res
+    assert ewc["target_share"] >= 0.95, res
+    # EWC is closer to the full target set and keeps more diversity than fine-tuning
+    assert ewc["fd_to_target"] <= 0.8 * ft["fd_to_target"], res
+    assert ewc["fd_to_target"] <= 0.5 * src["fd_to_target"], res
+    assert ewc[div] >= ft[div] + 0.1 and ewc[div] >= 1.5 * ft[div], res
+    # Section 3.1: fine-tuning moves every layer more than EWC does
     for k, rate in ft["weight_change_rate"].items():
         assert ewc["weight_change_rate"][k] < rate, (k, res)

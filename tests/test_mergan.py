@@ -174,6 +174,31 @@ def test_ewc_penalty_is_applied_from_the_second_task(synth_eval):
     assert moves["1e9"] < 0.3 * moves["0"], moves
 
 
+def test_ewc_penalty_of_the_sequential_baseline_carries_eq_9s_half(synth_eval, monkeypatch):
+    """Eq. (9) is (lambda_EWC / 2) sum F (theta - theta_{t-1})^2. Known answer: F = 1 on one
+    weight only, that weight 0.5 away from theta_{t-1}, lambda 4: the penalty that task 2's
+    first generator step adds is 4/2 * 0.25 = 0.5 (1.0 without the half)."""
+    _, _, _, train, test = synth_eval
+    env = argparse.Namespace(device=torch.device("cpu"), train=train, test=test,
+                             tasks=[[0], [1]], n_classes=10, channels=1, image_size=32)
+    args = mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--iters", "1",
+                                  "--dim", "8", "--log-every", "100", "--ewc-lambda", "4",
+                                  "--fisher-samples", "2"])
+    torch.manual_seed(0)
+    G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
+    ewc = mergan_jtr.EWCState(G)
+    with torch.no_grad():
+        for k, p in G.named_parameters():
+            ewc.get("theta_")[k].copy_(p)
+        ewc.get("theta_")["fc.weight"][3, 5] -= 0.5
+        ewc.get("F_")["fc.weight"][3, 5] = 1.0
+    seen, step = [], mergan_jtr.generator_step
+    monkeypatch.setattr(mergan_jtr, "generator_step",
+                        lambda *a, **k: seen.append(step(*a, **k)[2]) or (0, 0, seen[-1]))
+    mergan_jtr.train_task(1, G, D, env, args, ewc)
+    assert len(seen) == 1 and float(seen[0]) == pytest.approx(0.5, rel=1e-6)
+
+
 def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
     """mergan_jtr's Fisher (per-sample squared gradients of D(G(z,c)) + log C(c|G(z,c)))
     equals ewc_fewshot.fisher_information (which has its own known-answer test) given the
