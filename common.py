@@ -22,6 +22,7 @@ on the compute device and converted per minibatch; labels keep the dataset's own
 See docs/core.md for the choices made here and why.
 """
 import argparse
+import atexit
 import glob
 import hashlib
 import json
@@ -51,16 +52,34 @@ class Diverged(UserError):
     saved, so the last checkpoint and metrics.json stay as they were."""
 
 
+RUN_FOLDER = None  # set by prepare_run: where an interrupted run left its checkpoint
+RUN_SCRIPT = None  # set by prepare_run: the script whose checkpoints these are
+
+
+def check_argv(argv):
+    """What argparse would misreport: `--classes -1,2` reads as a missing value (argparse
+    takes -1,2 for an option)."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--classes" and value[:1] == "-" and value[1:2].isdigit():
+            raise UserError(f"--classes: class indices are 0 or more, got {value}")
+
+
 def cli(main, argv=None):
     """Run `main(argv)`; a UserError ends in one line on stderr and exit status 2."""
     try:
+        check_argv(sys.argv[1:] if argv is None else argv)
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last finished task is checkpointed; rerun with --resume",
-              file=sys.stderr)
+        if RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT)):
+            msg = (f"interrupted: the last finished task or stage is checkpointed in "
+                   f"{RUN_FOLDER}; rerun with --resume --out {RUN_FOLDER}")
+        else:
+            msg = ("interrupted before the first checkpoint: nothing to resume"
+                   + (f" ({RUN_FOLDER} holds no checkpoint)" if RUN_FOLDER else ""))
+        print("\n" + msg, file=sys.stderr)
         sys.exit(130)
 
 
@@ -236,6 +255,8 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
     downloaded again.
     """
     _, _, subdir, expected = dataset_info(name)
+    if not name.startswith("synth") and os.path.isfile(root):
+        raise UserError(f"--data-root {root} is a file; {name} needs a folder ({expected})")
     if name.startswith("synth"):
         # Fixed data seeds, independent of --seed: every run sees the same dataset.
         n = 1000 if train else 200
@@ -255,10 +276,17 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
     def open_it(download_now):
         return cls(root, download=download_now, **kw)
 
+    where = os.path.join(root, subdir) if subdir else root
     try:
         ds = open_it(False)
-    except (RuntimeError, FileNotFoundError, OSError) as first:
+    except Exception as first:
         why = f"{first}".strip().splitlines()[0] if str(first).strip() else type(first).__name__
+        missing = isinstance(first, FileNotFoundError) or (
+            isinstance(first, RuntimeError) and "not found" in str(first).lower())
+        if not missing:  # the files are there, but torchvision cannot parse them
+            raise UserError(f"dataset {name!r} in {where}: its files are there but cannot be "
+                            f"read ({type(first).__name__}: {why[:100]}); they may be corrupt "
+                            "or truncated: delete them to download again")
         if download:
             try:
                 ds = open_it(True)
@@ -268,7 +296,6 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
         else:
             why = "--no-download was given"
         if why is not None:
-            where = os.path.join(root, subdir) if subdir else root
             raise UserError(f"dataset {name!r} not found in {where} (expected {expected}) "
                             f"and not downloaded ({why})")
 
@@ -284,6 +311,10 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
     else:
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor(ds.targets).long()
+    if len(x) != len(y):  # torchvision does not compare the two files
+        raise UserError(f"dataset {name!r} in {where}: {len(x)} images but {len(y)} labels "
+                        "in the " + ("training" if train else "test") + " files; they may be "
+                        "truncated or from different downloads")
     names = list(getattr(ds, "classes", [])) or [str(c) for c in range(10)]
     return resize(x, image_size), y, names
 
@@ -318,6 +349,15 @@ def load_folder(root, train, size):
     except (FileNotFoundError, OSError) as err:
         raise UserError(f"dataset 'folder' not found in {root} (expected "
                         f"{DATASETS['folder'][3]}): {str(err).splitlines()[0]}")
+    if has_splits:  # classes are matched by NAME: both splits must hold the same ones
+        other = sorted(d.name for d in os.scandir(os.path.join(root, "test" if train
+                                                                else "train")) if d.is_dir())
+        if other != list(ds.classes):
+            tr, te = (ds.classes, other) if train else (other, ds.classes)
+            diff = sorted(set(tr) ^ set(te))
+            raise UserError(f"folder {root}: train/ and test/ must hold the same class "
+                            f"folders; only in one of them: {', '.join(diff[:5])}"
+                            + (" ..." if len(diff) > 5 else ""))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor(ds.targets).long()
     if not has_splits:
@@ -394,9 +434,15 @@ def load_lsun(root, train, size, per_class=LSUN_PER_CLASS):
 
 
 def _open_rgb(path):
+    """An image file as PIL RGB; an unreadable one (not an image, truncated) is a UserError
+    that names it."""
     from PIL import Image
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad image data
+        raise UserError(f"cannot read image {path}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'unreadable'}")
 
 
 def make_synth(n_per_class, seed, color=False):
@@ -1126,6 +1172,56 @@ RESUME_MAY_CHANGE = {"resume", "out", "device", "log_every", "max_tasks", "cuda_
                      "final_metrics", "inception_fid", "status_every"}
 
 
+LOCK = ".lock"  # in a run folder while a run writes there: the pid of that run
+
+
+def lock_run_folder(out):
+    """Take the run folder's lock file (created atomically, holding our pid; removed when
+    this process exits). A lock of a live other process is one clear UserError; a lock
+    whose process is gone (a killed run) is taken over."""
+    path = os.path.join(out, LOCK)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return  # ours already (a second prepare_run in this process)
+            if pid == 0 or _process_alive(pid):
+                raise UserError(f"--out {out} is in use by another run"
+                                + (f" (pid {pid})" if pid else "") + "; wait for it or "
+                                f"choose another --out (delete {path} if no run uses it)")
+            os.remove(path)  # its run was killed: the lock is stale
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        atexit.register(_unlock, path)
+        return
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _unlock(path):
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.remove(path)
+    except OSError:
+        pass
+
+
 def prepare_run(args, script):
     """Create (or, with --resume, find) the run folder; write args.json.
 
@@ -1144,22 +1240,36 @@ def prepare_run(args, script):
     if args.out is None:  # a new folder of its own, even for runs started in one second
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = os.path.join("runs", f"{script}-{args.dataset}-s{args.seed}-{stamp}")
-        os.makedirs("runs", exist_ok=True)
-        for n in range(1, 1000):
-            args.out = base if n == 1 else f"{base}-{n}"
-            try:
-                os.mkdir(args.out)  # atomic: exactly one run gets each name
-                break
-            except FileExistsError:
-                continue
+        try:
+            os.makedirs("runs", exist_ok=True)
+            for n in range(1, 1000):
+                args.out = base if n == 1 else f"{base}-{n}"
+                try:
+                    os.mkdir(args.out)  # atomic: exactly one run gets each name
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as err:  # e.g. a read-only working directory
+            raise UserError(f"cannot create a run folder under ./runs ({type(err).__name__}: "
+                            f"{err.strerror or err}); pass --out to a writable place")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file, not a folder")
+    global RUN_FOLDER, RUN_SCRIPT
+    RUN_FOLDER, RUN_SCRIPT = args.out, script
     ckpt_path = os.path.join(args.out, CHECKPOINT)
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise UserError(f"--resume: {ckpt_path} does not exist (nothing to resume)")
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("script", script) != script:
+            raise UserError(f"--resume: {args.out} is a run of {ckpt['script']}, not of "
+                            f"{script}")
+        for f in sorted(os.listdir(args.out)):  # left by a kill during a save: stale
+            if f.endswith(".tmp"):
+                os.remove(os.path.join(args.out, f))
+                print(f"resume: removed {f}, a partial write of the interrupted run",
+                      flush=True)
         old = ckpt.get("args", {})
         changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}"
                    for k in old if k not in RESUME_MAY_CHANGE and hasattr(args, k)
@@ -1171,12 +1281,17 @@ def prepare_run(args, script):
     elif os.path.exists(ckpt_path):
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it or "
                         "choose another --out")
-    elif os.path.isdir(args.out) and set(os.listdir(args.out)) - {"args.json"}:
-        files = sorted(set(os.listdir(args.out)) - {"args.json"})
+    elif os.path.isdir(args.out) and set(os.listdir(args.out)) - {"args.json", LOCK}:
+        files = sorted(set(os.listdir(args.out)) - {"args.json", LOCK})
         raise UserError(f"--out {args.out} is not empty ({len(files)} entries, e.g. "
                         f"{files[0]}); nothing is overwritten: choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-    save_json(os.path.join(args.out, "args.json"), vars(args))
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock_run_folder(args.out)  # two runs never write into one folder at once
+        save_json(os.path.join(args.out, "args.json"), vars(args))
+    except OSError as err:  # read-only or full file system, a path through a file, ...
+        raise UserError(f"--out {args.out}: cannot write there ({type(err).__name__}: "
+                        f"{err.strerror or err})")
     return args.out, ckpt
 
 
@@ -1206,11 +1321,15 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(out, state):
-    """state: models, optimisers, the task just finished, metrics so far, args, RNG."""
-    atomic_save(dict(state, rng=rng_state()), os.path.join(out, CHECKPOINT))
+    """state: models, optimisers, the task just finished, metrics so far, args, RNG; the
+    script that wrote it is recorded (prepare_run refuses to resume another's)."""
+    atomic_save(dict(state, rng=rng_state(), script=RUN_SCRIPT), os.path.join(out, CHECKPOINT))
 
 
 def load_checkpoint(path, device="cpu"):
+    """A checkpoint dictionary; a missing or unreadable file is one clear UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
         if not isinstance(ckpt, dict):
@@ -1218,7 +1337,7 @@ def load_checkpoint(path, device="cpu"):
         return ckpt
     except Exception as err:
         raise UserError(f"checkpoint {path} is corrupt or unreadable "
-                        f"({type(err).__name__}); delete it or start a new --out")
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})")
 
 
 def image_grid(x, nrow):
@@ -1303,6 +1422,9 @@ def setup(args, script, digits="pad"):
     size, download = args.image_size, not args.no_download
     x, y, names = load_dataset(args.dataset, args.data_root, True, size, download, digits)
     tx, ty, _ = load_dataset(args.dataset, args.data_root, False, size, download, digits)
+    if len(names) < 2:  # an evaluator of one class would score 100% whatever G draws
+        raise UserError(f"{args.dataset} in {args.data_root}: {len(names)} class found; the "
+                        "class-incremental scripts need at least 2 (one sub-folder per class)")
     tasks = task_split(args.classes, len(names), args.classes_per_task)
     out, ckpt = prepare_run(args, script)
     print(f"{args.dataset}: {len(y)} train / {len(ty)} test images {tuple(x.shape[1:])}; "
@@ -1402,11 +1524,12 @@ class TaskRun:
               + " ".join(f"{v:.1f}" for v in self.R[t][:t + 1])
               + f"  avg {np.mean(self.R[t][:t + 1]):.2f}%  ({time.time() - self.t0:.0f}s)",
               flush=True)
-        self.write_metrics(tasks_done=t + 1)
+        # the checkpoint first: metrics.json is never a task ahead of it
         save_checkpoint(self.env.out, {
             "task": t, "models": {k: m.state_dict() for k, m in self.models.items()},
             "R": self.R, "class_acc": self.class_acc, "seconds": self.seconds,
             "extra": self.extra, "args": vars(args)})
+        self.write_metrics(tasks_done=t + 1)
 
     def write_metrics(self, seconds=0.0, **fields):
         """(Re)write metrics.json; `seconds` is added to the run's time, `fields` (e.g.

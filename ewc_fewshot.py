@@ -586,9 +586,15 @@ def stage_fisher(G, D, args, state, out, device):
     """Stage 2: the Fisher information of the frozen source G, from the frozen source D
     (computed once, then read from fisher.pt). Returns {parameter name: F}."""
     fisher_path = os.path.join(out, "fisher.pt")
+    fisher = None
     if "fisher" in state.get("done", []):
-        fisher = C.load_checkpoint(fisher_path)["fisher"]
-    else:
+        try:
+            fisher = C.load_checkpoint(fisher_path)["fisher"]
+        except (C.UserError, KeyError) as err:  # derived data: compute it again
+            print(f"fisher.pt unusable ({err}); computing the Fisher information again "
+                  "(new random draws: the numbers may differ slightly)", flush=True)
+            state["done"].remove("fisher")
+    if fisher is None:
         t0 = time.time()
         D.requires_grad_(False)
         fisher = fisher_information(G, source_log_likelihood(D), args.fisher_samples)

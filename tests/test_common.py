@@ -691,3 +691,169 @@ def test_hold_out_takes_the_same_share_of_every_class():
     assert C.hold_out(data, 0.0, seed=0) == (data, None)
     with pytest.raises(C.UserError, match="class 2"):
         C.hold_out(data, 0.1, seed=0)                       # int(0.7) = 0 of class 2
+
+
+# ------------------------------------------------------------------------------------------
+# User mistakes that once gave a traceback, a misleading line or a silently wrong number
+# ------------------------------------------------------------------------------------------
+def _image_folder(root, classes, n=3, size=(20, 20)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            imageio.imwrite(root / c / f"{i}.png", rng.integers(0, 255, (*size, 3), np.uint8))
+
+
+def test_folder_splits_match_classes_by_name(tmp_path):
+    """train/{a,b,c} with test/{b,c} once shifted the test labels (b became 0): now a
+    split that lacks a class is one line naming it; with the same classes, a class keeps
+    its label in both splits."""
+    _image_folder(tmp_path / "bad" / "train", ["a", "b", "c"])
+    _image_folder(tmp_path / "bad" / "test", ["b", "c"])
+    for train in (True, False):
+        with pytest.raises(C.UserError, match="train/ and test/ must hold the same class "
+                                              "folders; only in one of them: a"):
+            C.load_dataset("folder", str(tmp_path / "bad"), train=train, image_size=16)
+    _image_folder(tmp_path / "ok" / "train", ["a", "b"])
+    _image_folder(tmp_path / "ok" / "test", ["a", "b"], n=2)
+    tx, ty, names = C.load_dataset("folder", str(tmp_path / "ok"), train=False, image_size=16)
+    assert names == ["a", "b"] and ty.tolist() == [0, 0, 1, 1]
+
+
+def test_unreadable_images_are_named(tmp_path):
+    """A text file named .png, or a truncated JPEG, in a folder dataset: one line naming
+    the file (once a PIL traceback)."""
+    _image_folder(tmp_path / "d", ["a", "b"])
+    (tmp_path / "d" / "a" / "notes.png").write_text("not an image")
+    with pytest.raises(C.UserError, match=r"cannot read image .*notes\.png"):
+        C.load_dataset("folder", str(tmp_path / "d"), train=True, image_size=16)
+    os.remove(tmp_path / "d" / "a" / "notes.png")
+    imageio.imwrite(tmp_path / "d" / "b" / "cut.jpg", np.full((64, 64, 3), 99, np.uint8))
+    data = (tmp_path / "d" / "b" / "cut.jpg").read_bytes()
+    (tmp_path / "d" / "b" / "cut.jpg").write_bytes(data[:len(data) // 2])
+    with pytest.raises(C.UserError, match=r"cannot read image .*cut\.jpg"):
+        C.load_dataset("folder", str(tmp_path / "d"), train=True, image_size=16)
+
+
+def test_one_class_folder_and_data_root_file_are_one_line(tmp_path):
+    """A one-class folder once gave the class-incremental scripts a trivial 100% (an
+    evaluator of one class); a --data-root that is a file gave torchvision's traceback."""
+    _image_folder(tmp_path / "one", ["only"], n=4)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "mergan_jtr.py"), "--dataset",
+                        "folder", "--data-root", str(tmp_path / "one"), "--out",
+                        str(tmp_path / "run"), "--device", "cpu"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "1 class found; the class-incremental scripts need at least 2" in r.stderr
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(C.UserError, match="--data-root .*file is a file; mnist needs a folder"):
+        C.load_dataset("mnist", str(tmp_path / "file"))
+
+
+def test_checkpoints_missing_corrupt_or_of_another_script(tmp_path):
+    """Missing is 'not found' (once 'corrupt ... delete it'); another script's run is
+    refused on --resume; a partial write left by a kill (*.tmp) is removed on --resume."""
+    with pytest.raises(C.UserError, match=r"checkpoint .*nope\.pt not found"):
+        C.load_checkpoint(str(tmp_path / "nope.pt"))
+    out, _ = C.prepare_run(_args(tmp_path), "mergan_jtr")
+    C.save_checkpoint(out, {"task": 0, "args": vars(_args(tmp_path))})
+    assert C.load_checkpoint(os.path.join(out, "checkpoint.pt"))["script"] == "mergan_jtr"
+    with pytest.raises(C.UserError, match="is a run of mergan_jtr, not of dgm"):
+        C.prepare_run(_args(tmp_path, resume=True), "dgm")
+    (pathlib.Path(out) / "checkpoint.pt.tmp").write_bytes(b"half")
+    C.prepare_run(_args(tmp_path, resume=True), "mergan_jtr")
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    """--out below a file (the same OSError path as a read-only or full disk)."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(C.UserError, match="cannot write there"):
+        C.prepare_run(_args(tmp_path, out=str(tmp_path / "f" / "run")), "test")
+
+
+def test_interrupt_says_whether_there_is_anything_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the first checkpoint once claimed 'the last finished task is
+    checkpointed'."""
+    def stop(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C, "RUN_FOLDER", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        C.cli(stop, [])
+    assert e.value.code == 130
+    assert "interrupted before the first checkpoint: nothing to resume" in capsys.readouterr().err
+    C.save_checkpoint(str(tmp_path), {"task": 0})
+    with pytest.raises(SystemExit):
+        C.cli(stop, [])
+    assert f"checkpointed in {tmp_path}; rerun with --resume" in capsys.readouterr().err
+
+
+def test_negative_class_index_is_one_line(capsys):
+    """argparse read `--classes -1,2` as a missing value ('expected one argument')."""
+    with pytest.raises(SystemExit) as e:
+        C.cli(lambda argv: None, ["--dataset", "synth", "--classes", "-1,2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --classes: class indices are 0 or "
+                                               "more, got -1,2")
+
+
+def test_metrics_are_never_ahead_of_the_checkpoint(data_root, tmp_path, monkeypatch):
+    """A kill between the two writes of a task's end once left metrics.json a task ahead of
+    checkpoint.pt: the checkpoint is now written first."""
+    import mergan_jtr
+    saves = []
+
+    def killed_at_task_2(out, state):
+        if state["task"] == 1:
+            raise KeyboardInterrupt
+        saves.append(state["task"])
+        C.atomic_save(dict(state, rng=C.rng_state()), os.path.join(out, C.CHECKPOINT))
+    monkeypatch.setattr(C, "save_checkpoint", killed_at_task_2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        mergan_jtr.main(["--dataset", "synth", "--classes", "0,1", "--iters", "2", "--dim",
+                         "8", "--batch-size", "8", "--eval-samples", "10", "--device", "cpu",
+                         "--data-root", data_root, "--out", str(out), "--log-every", "10"])
+    import json
+    assert saves == [0]
+    assert json.loads((out / "metrics.json").read_text())["tasks_done"] == 1
+
+
+def test_two_runs_never_write_into_one_folder(tmp_path):
+    """Two runs given one --out once both ran and mixed their files: a live run's lock is
+    refused in one line; a killed run's stale lock is taken over; the lock holds our pid."""
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(other.pid))
+        with pytest.raises(C.UserError, match=f"in use by another run \\(pid {other.pid}\\)"):
+            C.prepare_run(_args(tmp_path, out=str(out)), "test")
+    finally:
+        other.kill()
+        other.wait()
+    C.prepare_run(_args(tmp_path, out=str(out)), "test")  # its process is gone: stale
+    assert (out / ".lock").read_text() == str(os.getpid())
+    assert sorted(os.listdir(out)) == [".lock", "args.json"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+def test_corrupt_mnist_files_are_not_called_missing(tmp_path, damage):
+    """Garbage, empty or truncated idx files once gave torchvision's AssertionError or were
+    reported as 'not found': now one line that says they are there but unreadable."""
+    write_fake_mnist(tmp_path)
+    f = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    data = f.read_bytes()
+    f.write_bytes({"garbage": bytes(range(256)) * 4, "empty": b"",
+                   "truncated": data[:len(data) // 2]}[damage])
+    with pytest.raises(C.UserError, match="its files are there but cannot be read"):
+        C.load_dataset("mnist", str(tmp_path), train=True, download=False)
+
+
+def test_mnist_image_and_label_counts_must_agree(tmp_path):
+    """20 images with 10 labels were once accepted (torchvision does not compare them)."""
+    write_fake_mnist(tmp_path)
+    f = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    f.write_bytes(np.array([2049, 10], dtype=">i4").tobytes() + bytes(range(10)))
+    with pytest.raises(C.UserError, match="20 images but 10 labels in the training files"):
+        C.load_dataset("mnist", str(tmp_path), train=True, download=False)

@@ -341,9 +341,11 @@ def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
     assert m["results"]["0"]["ewc_penalty"] > 0  # fine-tuning moved away from theta_S
     assert list(m["fisher"]["per_layer_mean"]) == list(r["weight_change_rate"])
 
+    (out / "fisher.pt").write_bytes(b"broken")  # derived data: recomputed, not fatal
     r2 = run_script(*flags, "--out", str(out), "--resume")
     assert r2.returncode == 0, r2.stderr
     assert "source: resumed" in r2.stdout and "resumed from the checkpoint" in r2.stdout
+    assert "computing the Fisher information again" in r2.stdout
     assert "[adapt" not in r2.stdout
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["results"] == m["results"]
@@ -394,6 +396,9 @@ def test_user_errors_are_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     cases.append((["--source", "synth", "--target", "synth-amber", "--source-ckpt", str(bad),
                    "--dim", "4", "--out", str(tmp_path / "r")], "is corrupt or unreadable"))
+    cases.append((["--source", "synth", "--target", "synth-amber", "--source-ckpt",
+                   str(tmp_path / "missing.pt"), "--dim", "4", "--out", str(tmp_path / "r2")],
+                  "missing.pt not found"))  # once: "corrupt ... delete it"
     for flags, msg in cases:
         r = run_script(*flags, "--data-root", str(tmp_path))
         assert r.returncode == 2, (flags, r.stderr)
