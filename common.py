@@ -143,6 +143,10 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
                    help="comma-separated classes in task order, e.g. 0,1,2 (default: all, "
                         "in order 0..n-1)")
     g.add_argument("--classes-per-task", type=int, default=1, help="classes in each task")
+    g.add_argument("--evaluator", default="ours", choices=["ours", "authors"],
+                   help="the classifier that judges generated images (Acc): ours (3 conv "
+                        "blocks) or authors (MeRGAN's architectures: an MLP 1024-512-256-128 "
+                        "for grey images, their 7-conv net for RGB; docs/core.md)")
     g.add_argument("--eval-samples", type=int, default=eval_samples,
                    help="generated samples per class for the accuracy metric "
                         "(paper: 6400 = 100 x 64)")
@@ -954,15 +958,71 @@ class Evaluator(nn.Module):
         return self.head(self.body(x))
 
 
+class AuthorsMLP(nn.Module):
+    """MeRGAN's MNIST evaluator (pretrain/mnist_test.py, `Mlp`): the 32x32 image flattened,
+    fully connected 1024-512-256-128 with ReLU, then the logits. The adaptive pooling is
+    the identity at 32 px (theirs) and lets other sizes through."""
+
+    def __init__(self, channels, n_classes):
+        super().__init__()
+        widths = [channels * 32 * 32, 1024, 512, 256, 128]
+        layers = [nn.AdaptiveAvgPool2d(32), nn.Flatten()]
+        for w_in, w_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(128, n_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class AuthorsConv(nn.Module):
+    """MeRGAN's SVHN evaluator (pretrain/svhn_test.py, `Conv`): 3x3 convs with ReLU,
+    32-32 | pool | 64-64 | pool | 128-128-128 | pool, then fully connected 512-128 with
+    ReLU and the logits. The adaptive pooling is the identity at 32 px (4x4 after three
+    pools, theirs) and lets other sizes through."""
+
+    def __init__(self, channels, n_classes):
+        super().__init__()
+        layers, c_in = [], channels
+        for block in ([32, 32], [64, 64], [128, 128, 128]):
+            for c_out in block:
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128 * 16, 512), nn.ReLU(),
+                   nn.Linear(512, 128), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(128, n_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def make_classifier(arch, channels, n_classes, width):
+    """`ours` (Evaluator, `width`) or `authors` (AuthorsMLP for grey images, AuthorsConv
+    for colour ones, as MeRGAN judges MNIST and SVHN)."""
+    if arch == "authors":
+        return AuthorsMLP(channels, n_classes) if channels == 1 else AuthorsConv(channels,
+                                                                                 n_classes)
+    return Evaluator(channels, n_classes, width)
+
+
 def train_classifier(x, y, n_classes, device, steps=1500, width=32, batch=128, lr=1e-3,
-                     seed=0, log=None):
+                     seed=0, log=None, arch="ours"):
     """Train an `Evaluator` on float images x in [-1, 1] (on `device`) with labels y.
     Random +-2 pixel shifts as light augmentation. Used for the evaluator and for reverse
     accuracy."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch_state = torch.get_rng_state()
     torch.manual_seed(seed)  # init + dropout: deterministic, no effect on the caller's RNG
-    model = Evaluator(x.shape[1], n_classes, width).to(device)
+    model = make_classifier(arch, x.shape[1], n_classes, width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     model.train()
@@ -1031,7 +1091,8 @@ def evaluator_cache(args, train):
         folder = os.path.abspath(args.data_root)
         name, cache = "folder-" + os.path.basename(folder), folder + "-evaluators"
     content = data_fingerprint(train)
-    file = f"{name}-{train.x.shape[-1]}px-{content}-v{EVALUATOR_VERSION}.pt"
+    arch = "-authors" if getattr(args, "evaluator", "ours") == "authors" else ""
+    file = f"{name}-{train.x.shape[-1]}px-{content}{arch}-v{EVALUATOR_VERSION}.pt"
     return os.path.join(cache, file), name, content
 
 
@@ -1043,8 +1104,15 @@ def get_evaluator(args, train, test, n_classes, device, log=print):
     key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y),
            "n_classes": n_classes, "version": EVALUATOR_VERSION, "data": content}
     width, steps = classifier_budget(args.dataset, len(train.y))
-    key = dict(key, width=width, steps=steps)
+    arch = getattr(args, "evaluator", "ours")
+    key = dict(key, width=width, steps=steps, **({"arch": arch} if arch != "ours" else {}))
+    # Building our Evaluator draws its initial weights from the caller's random stream; the
+    # authors' net is built on a side stream after it, so that a run's generator is the
+    # same whichever judge it gets (--evaluator changes Acc, never the training).
     model = Evaluator(train.x.shape[1], n_classes, width).to(device)
+    if arch != "ours":
+        with torch.random.fork_rng(devices=[]):
+            model = make_classifier(arch, train.x.shape[1], n_classes, width).to(device)
     if os.path.exists(path):
         try:
             ck = torch.load(path, map_location=device, weights_only=True)
@@ -1056,10 +1124,11 @@ def get_evaluator(args, train, test, n_classes, device, log=print):
             log(f"evaluator: {path} was trained on other data; retraining")
         except Exception as err:  # corrupt cache: retrain rather than fail
             log(f"evaluator: cache {path} unreadable ({type(err).__name__}); retraining")
-    log(f"evaluator: training on {len(train.y)} real {args.dataset} images ...")
+    kind = "MeRGAN's architecture" if arch == "authors" else "ours"
+    log(f"evaluator ({kind}): training on {len(train.y)} real {args.dataset} images ...")
     t0 = time.time()
     model = train_classifier(to_float(train.x), train.y, n_classes, device, steps=steps,
-                             width=width, log=log)
+                             width=width, log=log, arch=arch)
     acc = accuracy(model, to_float(test.x), test.y)
     log(f"evaluator: real test accuracy {acc:.2f}% ({steps} steps, {time.time() - t0:.0f}s)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1613,6 +1682,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="image side (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default="runs", help="folder for the grid of real images")
+    p.add_argument("--evaluator", default="ours", choices=["ours", "authors"],
+                   help="ours, or MeRGAN's architecture (MLP for grey, 7-conv net for RGB)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     print(f"device: {device}")

@@ -857,3 +857,34 @@ def test_mnist_image_and_label_counts_must_agree(tmp_path):
     f.write_bytes(np.array([2049, 10], dtype=">i4").tobytes() + bytes(range(10)))
     with pytest.raises(C.UserError, match="20 images but 10 labels in the training files"):
         C.load_dataset("mnist", str(tmp_path), train=True, download=False)
+
+
+def test_authors_evaluators_have_merganss_layers_and_cache_apart(synth_eval, tmp_path):
+    """--evaluator authors: MeRGAN's MNIST MLP (32x32 flattened -> 1024-512-256-128 -> 10)
+    for grey images and its SVHN net (3x3 convs 32,32 | 64,64 | 128,128,128, three pools,
+    fc 512-128 -> 10) for colour ones; trained like ours and cached in a file of its own,
+    so the two never load each other."""
+    mlp = C.make_classifier("authors", 1, 10, 16)
+    lin = [m for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin] == [
+        (1024, 1024), (1024, 512), (512, 256), (256, 128), (128, 10)]
+    conv = C.make_classifier("authors", 3, 10, 16)
+    assert [m.out_channels for m in conv.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        32, 32, 64, 64, 128, 128, 128]
+    assert [(m.in_features, m.out_features) for m in conv.modules()
+            if isinstance(m, torch.nn.Linear)] == [(2048, 512), (512, 128), (128, 10)]
+    x = torch.rand(2, 3, 32, 32)
+    assert conv(x).shape == (2, 10) and conv.features(x).shape == (2, 128)
+    args, _, ours_acc, train, test = synth_eval
+    a = argparse.Namespace(dataset="synth", data_root=args.data_root, evaluator="authors")
+    path_ours, path_authors = C.evaluator_cache(args, train)[0], C.evaluator_cache(a, train)[0]
+    assert path_authors != path_ours and path_authors.endswith("-authors-v1.pt")
+    draws = []
+    for ns in (args, a, a):  # ours (cached), authors (trained, then cached)
+        torch.manual_seed(5)
+        model, acc = C.get_evaluator(ns, train, test, 10, torch.device("cpu"),
+                                     log=lambda *m: None)
+        draws.append(torch.rand(3))
+    assert isinstance(model, C.AuthorsMLP) and acc > 80 and os.path.exists(path_authors)
+    # the judge never changes the run's random stream (so not the generator it judges)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
