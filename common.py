@@ -958,7 +958,17 @@ class Evaluator(nn.Module):
         return self.head(self.body(x))
 
 
-class AuthorsMLP(nn.Module):
+class BodyHead(nn.Module):
+    """A classifier as `body` (features: the penultimate layer) then `head` (logits)."""
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class AuthorsMLP(BodyHead):
     """MeRGAN's MNIST evaluator (pretrain/mnist_test.py, `Mlp`): the 32x32 image flattened,
     fully connected 1024-512-256-128 with ReLU, then the logits. The adaptive pooling is
     the identity at 32 px (theirs) and lets other sizes through."""
@@ -972,14 +982,8 @@ class AuthorsMLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(128, n_classes)
 
-    def features(self, x):
-        return self.body(x)
 
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-class AuthorsConv(nn.Module):
+class AuthorsConv(BodyHead):
     """MeRGAN's SVHN evaluator (pretrain/svhn_test.py, `Conv`): 3x3 convs with ReLU,
     32-32 | pool | 64-64 | pool | 128-128-128 | pool, then fully connected 512-128 with
     ReLU and the logits. The adaptive pooling is the identity at 32 px (4x4 after three
@@ -997,12 +1001,6 @@ class AuthorsConv(nn.Module):
                    nn.Linear(512, 128), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(128, n_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def make_classifier(arch, channels, n_classes, width):
