@@ -550,9 +550,9 @@ def evaluate(G, ev, args, device, inception=None):
 # ------------------------------------------------------------------------------------------
 # The few-shot run: three stages, each checkpointed (so that --resume skips finished ones)
 # ------------------------------------------------------------------------------------------
-def stage_source(G, D, args, state, out, device, channels):
+def stage_source(G, D, args, state, out, device, channels, sx):
     """Stage 1: the source GAN, loaded from --source-ckpt, resumed from this run's
-    source.pt, or trained on the source domain (then checkpointed)."""
+    source.pt, or trained on sx, the source domain's training images (then checkpointed)."""
     src_path = os.path.join(out, "source.pt")
     if args.source_ckpt:
         src = C.load_checkpoint(args.source_ckpt)
@@ -570,8 +570,6 @@ def stage_source(G, D, args, state, out, device, channels):
         G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
         print("source: resumed from the checkpoint", flush=True)
     else:
-        sx, _, _ = load_domain(args.source, args.source_root, True, args.image_size,
-                               channels, not args.no_download)
         print(f"source {args.source}: {len(sx)} images; training {args.source_iters} "
               "iterations", flush=True)
         t0 = time.time()
@@ -731,7 +729,11 @@ def main(argv=None):
     z_grid = torch.randn(10, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)
 
     # Stage 1: the source GAN.
-    stage_source(G, D, args, state, out, device, channels)
+    # The source domain (read once: the source stage trains on it, the evaluation below
+    # measures against it, even when --source-ckpt skips the training).
+    sx, sy, snames = load_domain(args.source, args.source_root, True, size, channels,
+                                 not args.no_download)
+    stage_source(G, D, args, state, out, device, channels, sx)
     # Frozen from here on (adaptation fine-tunes copies). eval(): spectral norm stops its
     # power iteration, so not even D's normalisation buffers change in the Fisher stage.
     G.eval(), D.eval()
@@ -743,8 +745,6 @@ def main(argv=None):
 
     # Evaluation set-up: the joint source+target evaluator and the features of the full
     # target and source sets (and of the shots, the cluster centres of the diversity).
-    sx, sy, snames = load_domain(args.source, args.source_root, True, size, channels,
-                                 not args.no_download)
     stx, sty, _ = load_domain(args.source, args.source_root, False, size, channels,
                               not args.no_download)
     ttx, tty, _ = load_domain(args.target, args.target_root, False, size, channels,
