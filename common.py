@@ -598,6 +598,9 @@ class CondBatchNorm2d(nn.Module):
     With n_classes=None it is plain, unconditional batch norm. per_class_affine=False keeps
     the per-class statistics but one shared scale and offset (the authors' LSUN generator,
     which gets the label through z instead).
+    groups, n_groups: which rows share statistics, when not the rows of one class: a tensor
+    of group ids in [0, n_groups). The paper's JT (mergan_jtr.py --mode jt) normalises its
+    mixed-class batches as one (all zeros, n_groups 1), as the authors' joint.py does.
     """
 
     def __init__(self, channels, n_classes=None, eps=1e-5, per_class_affine=True):
@@ -607,17 +610,19 @@ class CondBatchNorm2d(nn.Module):
         self.scale = nn.Parameter(torch.ones(k, channels))
         self.offset = nn.Parameter(torch.zeros(k, channels))
 
-    def forward(self, x, y=None):
-        if y is None or not self.n_classes or self.n_classes == 1:
+    def forward(self, x, y=None, groups=None, n_groups=None):
+        if groups is None and (y is None or not self.n_classes or self.n_classes == 1):
             return F.batch_norm(x, None, None, self.scale[0], self.offset[0], training=True,
                                 eps=self.eps)
-        onehot = F.one_hot(y, self.n_classes).to(x.dtype)                 # N x K
+        if groups is None:  # the default: statistics per class
+            groups, n_groups = y, self.n_classes
+        onehot = F.one_hot(groups, n_groups).to(x.dtype)                   # N x K
         count = onehot.sum(0).clamp(min=1).unsqueeze(1)                     # K x 1
-        mean = (onehot.T @ x.mean((2, 3)) / count)[y][:, :, None, None]    # class means
+        mean = (onehot.T @ x.mean((2, 3)) / count)[groups][:, :, None, None]  # group means
         centred = x - mean
-        var = (onehot.T @ centred.square().mean((2, 3)) / count)[y]        # biased, as BN
+        var = (onehot.T @ centred.square().mean((2, 3)) / count)[groups]   # biased, as BN
         # normalise, scale and shift in one pass: centred * (scale / std) + offset
-        rows = y if len(self.scale) > 1 else torch.zeros_like(y)
+        rows = y if len(self.scale) > 1 else torch.zeros_like(groups)
         a = self.scale[rows] * torch.rsqrt(var + self.eps)
         return torch.addcmul(self.offset[rows][:, :, None, None], centred, a[:, :, None, None])
 
@@ -647,10 +652,12 @@ class Generator(nn.Module):
              for i in range(n_up - 1)]
             + [nn.ConvTranspose2d(widths[-1], channels, 5, 2, 2, output_padding=1)])
 
-    def forward(self, z, y=None):
+    def forward(self, z, y=None, groups=None, n_groups=None):
+        """Images for noise z and labels y; groups/n_groups: rows that share batch-norm
+        statistics (default: the rows of one class; CondBatchNorm2d)."""
         h = self.fc(z).view(len(z), self.top, 4, 4)
         for bn, up in zip(self.bns, self.ups):
-            h = F.relu(bn(h, y))
+            h = F.relu(bn(h, y, groups, n_groups))
             if self.fast and up is self.ups[-1]:  # SPEED BRANCH: the same sums as up(h),
                 h = conv_transpose5_s2(h, up.weight, up.bias)  # faster for 1-3 channels
             else:

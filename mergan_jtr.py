@@ -10,12 +10,16 @@ joined by one replayed minibatch covering all earlier classes (Eqs. 10-11), and 
 classifier and generator are trained on that extended set. The baselines of the paper's
 Table 1 are modes of the same script, with the same networks and losses: sequential
 fine-tuning (no replay), EWC (fine-tuning with Eq. 9's Fisher-weighted anchor on the
-generator) and joint training on the real data of every class seen so far.
+generator) and joint training (JT: one run on every class of the run at once, as the
+authors' joint.py). --mode cumulative is another experiment, not the paper's JT: task by
+task on the real data of every class seen so far (the ideal replay).
 
     python mergan_jtr.py --dataset mnist                  # MeRGAN-JTR, Table 1
     python mergan_jtr.py --dataset mnist --mode sft       # sequential fine-tuning (Eqs. 7-8)
     python mergan_jtr.py --dataset mnist --mode ewc       # the EWC baseline (Eq. 9)
-    python mergan_jtr.py --dataset mnist --mode jt        # joint training (upper bound)
+    python mergan_jtr.py --dataset mnist --mode jt        # the paper's JT: 0-9 at once
+    python mergan_jtr.py --dataset mnist --mode jt --classes 0,1,2,3,4   # JT of 5 tasks
+    python mergan_jtr.py --dataset mnist --mode cumulative   # task by task, real replay
     python mergan_jtr.py --dataset lsun --data-root LSUN   # Table 2: 64x64 ResNet nets, 4 scenes
     python mergan_jtr.py --dataset synth --classes 0,1,2 --iters 300 --dim 16 --eval-samples 320
     python benchmarks/step_speed.py                       # seconds per training iteration
@@ -34,8 +38,8 @@ import common as C
 PAPER = {("jtr", "mnist"): {5: 97.93, 10: 97.00}, ("jtr", "svhn"): {5: 80.90, 10: 66.50},
          ("sft", "mnist"): {5: 19.87, 10: 10.06}, ("sft", "svhn"): {5: 19.35, 10: 10.10},
          ("ewc", "mnist"): {5: 70.62, 10: 77.03}, ("ewc", "svhn"): {5: 39.84, 10: 33.02}}
-# The paper's JT (MNIST 97.66 / 96.92, SVHN 85.30 / 84.82) is one joint run over all classes;
-# --mode jt here is the cumulative task-by-task run, so it is never printed beside it.
+# The paper's JT, keyed by the number of classes trained at once (classes 0..k-1): --mode jt.
+PAPER_JT = {"mnist": {5: 97.66, 10: 96.92}, "svhn": {5: 85.30, 10: 84.82}}
 # Table 2: LSUN bedroom -> kitchen -> church_outdoor -> tower, after task 4 (no JT column).
 PAPER_LSUN = {"jtr": {"acc": 79.19, "rev_acc": 70.00, "fid": 49.69},
               "sft": {"acc": 15.02, "rev_acc": 28.0, "fid": 110.12},
@@ -46,11 +50,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
-    p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "ewc", "jt"],
+    p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "ewc", "jt", "cumulative"],
                    help="jtr: joint training with replay (MeRGAN, Eqs. 10-11); sft: "
                         "sequential fine-tuning (Eqs. 7-8); ewc: sequential fine-tuning with "
-                        "EWC on the generator (Eq. 9); jt: joint training on the real data "
-                        "of every class seen so far (the upper bound)")
+                        "EWC on the generator (Eq. 9); jt: the paper's joint training, one "
+                        "task of every class of the run at once (authors' joint.py); "
+                        "cumulative: task by task on the real data of every class seen so "
+                        "far (not the paper's JT)")
     p.add_argument("--lambda-cls", type=float, default=1.0, help="weight of the AC "
                    "classification losses, Eqs. (3) and (6) (paper: 1)")
     p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight "
@@ -92,12 +98,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     # Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
     # for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001,
-    # LSUN 20001; Table 2's metrics on for lsun.
+    # LSUN 20001 (JT, one task: MNIST 40001, SVHN 80001, joint.py); Table 2's metrics on
+    # for lsun.
     size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
     if args.arch == "auto":
         args.arch = "resnet" if size == 64 else "dcgan"
+    if args.mode == "jt" and args.arch != "dcgan":
+        raise C.UserError("--mode jt is Table 1's JT, for the digit nets (--arch dcgan); "
+                          "Table 2 (LSUN) has no JT column")
     if args.dim is None:
         args.dim = 64 if args.arch == "resnet" else 32
+    if args.iters is None and args.mode == "jt":
+        args.iters = {"svhn": 80001, "synth-color": 80001}.get(args.dataset, 40001)
     if args.iters is None:
         args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
     if args.final_metrics is None:
@@ -125,12 +137,13 @@ def replay_batch(G_prev, prev_classes, batch_size, nz, device, reduce_batch=True
 def training_batch(train, task, prev, prev_y, G_prev, mode, batch_size, nz,
                    reduce_batch=True):
     """S'_t (Eq. 10): a real batch of the current task, joined by one batch of earlier
-    classes: replays from G_{t-1} (JTR), real images (JT), or nothing (SFT, Eqs. 7-8).
+    classes: replays from G_{t-1} (JTR), real images (--mode cumulative), or nothing (SFT,
+    Eqs. 7-8; and JT, whose one task holds every class).
     prev: the earlier classes (a list); prev_y: the same as a tensor on the device."""
     x, y = train.batch(batch_size, task)
     if mode == "jtr" and prev:
         xr, yr = replay_batch(G_prev, prev_y, batch_size, nz, x.device, reduce_batch)
-    elif mode == "jt" and prev:
+    elif mode == "cumulative" and prev:
         xr, yr = train.batch(batch_size, prev)
     else:
         return x, y
@@ -162,6 +175,41 @@ def jtr_weights(args, prev, device):
 def weighted_mean(values, w):
     """values.mean() (w None) or the weighted sum of the per-class losses."""
     return values.mean() if w is None else (w * values).sum()
+
+
+# ------------------------------------------------------------------------------------------
+# --mode jt: the paper's joint training (the authors' joint.py), every class in one task
+# ------------------------------------------------------------------------------------------
+def uniform_labels(classes_t, n):
+    """n labels drawn uniformly from the classes (a tensor on the device): the fake labels
+    of joint.py, drawn afresh for every critic and generator step, independent of the real
+    batch's labels."""
+    return classes_t[torch.randint(len(classes_t), (n,), device=classes_t.device)]
+
+
+def balanced_generate(G, classes, per_class=10):
+    """JT's generation for Acc and the grids: generate(z, y) for rows of ONE class, each
+    image made inside a balanced batch of `per_class` rows of every class of the run,
+    normalised as one batch -- the authors' joint.py test (batches of 100: classes 0-9, ten
+    times). JT's generator learns batch norm on mixed batches (normalised as one), so a
+    single-class batch would give it statistics it never saw in training."""
+    K, cls = len(classes), torch.as_tensor(classes)
+
+    @torch.no_grad()
+    def generate(z, y):
+        c = int(y[0])
+        if not bool((y == c).all()):
+            raise ValueError("balanced_generate: one class per call")
+        m, pos, dev = len(z), classes.index(c), z.device
+        n = -(-m // per_class)                       # balanced batches needed for m rows
+        labels = cls.to(dev).repeat_interleave(per_class).repeat(n)         # n x K*per
+        noise = torch.randn(n, K * per_class, G.nz, device=dev)
+        asked = torch.cat([z, torch.randn(n * per_class - m, G.nz, device=dev)])
+        noise[:, pos * per_class:(pos + 1) * per_class] = asked.view(n, per_class, G.nz)
+        groups = torch.arange(n, device=dev).repeat_interleave(K * per_class)
+        x = G(noise.flatten(0, 1), labels, groups, n).unflatten(0, (n, K * per_class))
+        return x[:, pos * per_class:(pos + 1) * per_class].flatten(0, 1)[:m]
+    return generate
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,15 +269,20 @@ def fisher_information(G, D, classes, n, lambda_cls, batch=50):
 # ------------------------------------------------------------------------------------------
 # One training iteration: critic steps, then a generator step
 # ------------------------------------------------------------------------------------------
-def critic_step(G, D, opt_D, x, y, n_cur, args, w=None):
+def critic_step(G, D, opt_D, x, y, n_cur, args, w=None, y_fake=None, bn_groups=None):
     """One critic/classifier update on the (extended) real batch x, y.
 
     The first n_cur rows of x are the current task's real images; the rest are replays
-    (JTR) or earlier classes' real images (JT). Replays count as real data for the critic
-    and the classifier; the gradient penalty uses the current task's rows only (authors).
-    w: None (means over the batch) or JTR's per-class row weights (`class_weights`)."""
+    (JTR) or earlier classes' real images (--mode cumulative). Replays count as real data
+    for the critic and the classifier; the gradient penalty uses the current task's rows
+    only (authors). w: None (means over the batch) or JTR's per-class row weights
+    (`class_weights`). y_fake: the fakes' labels (default y, as in mergan.py; JT draws
+    its own, joint.py). bn_groups: (group ids, count) for G's batch norm (JT: the mixed
+    batch normalised as one); None: statistics per class."""
+    y_fake = y if y_fake is None else y_fake
     with torch.no_grad():  # the fake batch needs no graph in a critic step
-        fake = G(torch.randn(len(y), G.nz, device=x.device), y)
+        z = torch.randn(len(y_fake), G.nz, device=x.device)
+        fake = G(z, y_fake) if bn_groups is None else G(z, y_fake, *bn_groups)
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     s_real, s_fake = score[:len(y)], score[len(y):]
     # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
@@ -250,11 +303,13 @@ def critic_step(G, D, opt_D, x, y, n_cur, args, w=None):
     return loss_gan.detach(), loss_cls.detach()
 
 
-def generator_step(G, D, opt_G, y, args, penalty=None, w=None):
+def generator_step(G, D, opt_G, y, args, penalty=None, w=None, bn_groups=None):
     """One generator update for labels y (current task + replayed classes); `penalty`:
-    --mode ewc's Eq. (9) term from the second task on, else None; w as in critic_step."""
+    --mode ewc's Eq. (9) term from the second task on, else None; w and bn_groups as in
+    critic_step."""
     D.requires_grad_(False)  # no weight gradients for D in the generator step
-    score, logits = D(G(torch.randn(len(y), G.nz, device=y.device), y))
+    z = torch.randn(len(y), G.nz, device=y.device)
+    score, logits = D(G(z, y) if bn_groups is None else G(z, y, *bn_groups))
     if w is None:
         loss_gan = -score.mean()                  # Eq. (2): WGAN generator loss
         loss_cls = F.cross_entropy(logits, y)     # Eq. (3): AC loss on generated images
@@ -283,6 +338,11 @@ def train_task(t, G, D, env, args, ewc=None):
     G_prev = copy.deepcopy(G).requires_grad_(False) if args.mode == "jtr" and prev else None
     prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
     w = jtr_weights(args, prev, env.device)  # JTR: the authors' per-class means, summed
+    joint = args.mode == "jt"  # the paper's JT: one task holding every class (joint.py)
+    task_y = torch.tensor(task, dtype=torch.long, device=env.device)
+    # JT's generator normalises each mixed batch as one (joint.py); the others per class
+    one_batch = (torch.zeros(args.batch_size, dtype=torch.long, device=env.device), 1)
+    bn_groups = one_batch if joint else None
     penalty = None
     if args.mode == "ewc" and t > 0:  # Eq. (9), from the second task on
         fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
@@ -292,8 +352,12 @@ def train_task(t, G, D, env, args, ewc=None):
         for _ in range(args.critic_iters):
             x, y = training_batch(env.train, task, prev, prev_y, G_prev, args.mode,
                                   args.batch_size, G.nz, args.reduce_batch)
-            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args, w)
-        g_gan, g_cls, pen = generator_step(G, D, opt_G, y, args, penalty, w)
+            # JT (joint.py): a real batch mixing every class, fakes of uniform labels
+            y_fake = uniform_labels(task_y, args.batch_size) if joint else y
+            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args, w,
+                                       y_fake, bn_groups)
+        y_g = uniform_labels(task_y, args.batch_size) if joint else y
+        g_gan, g_cls, pen = generator_step(G, D, opt_G, y_g, args, penalty, w, bn_groups)
         losses = {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
         return dict(losses, ewc_penalty=pen) if args.mode == "ewc" else losses
 
@@ -317,6 +381,10 @@ def train_task(t, G, D, env, args, ewc=None):
 def main(argv=None):
     args = parse_args(argv)
     env = C.setup(args, f"mergan_{args.mode}")  # device, seed, data, tasks, evaluator
+    if args.mode == "jt":  # the paper's JT: one task, every class of the run at once
+        env.tasks = [[c for task in env.tasks for c in task]]
+        print(f"--mode jt: one task of classes {env.tasks[0]}, {args.iters} iterations",
+              flush=True)
     G, D = C.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
                              env.image_size, critic_classes=env.n_classes,
                              fast=not args.plain_step)
@@ -326,14 +394,21 @@ def main(argv=None):
     if args.mode == "ewc":  # F and theta of Eq. (9), checkpointed with the networks
         ewc = models["ewc"] = EWCState(G).to(env.device)
     default_protocol = args.classes is None and args.classes_per_task == 1
+    paper = PAPER.get((args.mode, args.dataset)) if default_protocol else None
+    generate = G
+    if args.mode == "jt":
+        classes = env.tasks[0]  # the paper's JT of k tasks = classes 0..k-1 at once
+        k = len(classes)
+        if classes == list(range(k)) and k in PAPER_JT.get(args.dataset, {}):
+            paper = {1: PAPER_JT[args.dataset][k]}
+        generate = balanced_generate(G, classes)  # mixed batches, as JT trains (joint.py)
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
-    run = C.TaskRun(args, env, f"mergan-{args.mode}", models, generate=G)
+    run = C.TaskRun(args, env, f"mergan-{args.mode}", models, generate=generate)
     for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
         train_task(t, G, D, env, args, ewc)  # real data of task t (+ replay, Eqs. 10-11)
         run.end_task(t)  # Acc of every class seen (row t of R), sample grid, checkpoint
-    metrics = run.finish(paper=PAPER.get((args.mode, args.dataset)) if default_protocol
-                         else None)
+    metrics = run.finish(paper=paper)
     if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows
         lsun = default_protocol and args.dataset == "lsun"
         metrics = run.generated_set_report(PAPER_LSUN.get(args.mode) if lsun else None)

@@ -3,7 +3,9 @@
 Runs every column of MeRGAN's Table 1 -- JT, SFT, EWC, MeRGAN-JTR, MeRGAN-RA -- and DGM-w /
 DGM-a (DGM's Table) as separate runs of this repository's scripts, on the same dataset, task
 order, seed, evaluator and number of generated samples; then writes one Markdown table with
-our numbers beside the papers' and a picture of each run's accuracy matrix.
+our numbers beside the papers' and a picture of each run's accuracy matrix. JT is the
+paper's: one run on every class at once for each reported task count (after 5 tasks:
+classes 0-4 at once; after 10: 0-9), so the JT column is two runs (`jt5`, `jt10`).
 
 On a GPU the runs go at once (`--jobs`, default: all of them): each digit-GAN run keeps the
 GPU only partly busy (small kernels, CUDA graphs), so independent processes overlap well.
@@ -15,9 +17,9 @@ calling the command again skips finished runs and resumes interrupted ones (`--r
     python benchmarks/table1.py --dataset synth --classes 0,1 --iters 3 --dgm-iters 3 \\
         --eval-samples 10 --mergan-args "--dim 8" --ewc-args "--fisher-samples 4"  # seconds
 
-Outputs in --out: one folder per column (the script's own run folder: metrics.json,
-samples, checkpoint) and its log, `acc_matrix_<column>.png` (DGM also
-`solver_matrix_<column>.png`), `table1.md`, `table1.json`.
+Outputs in --out: one folder per run (the script's own run folder: metrics.json, samples,
+checkpoint; `jt5`, `jt10` for JT) and its log, `acc_matrix_<run>.png` (DGM also
+`solver_matrix_<run>.png`), `table1.md`, `table1.json`.
 """
 import argparse
 import json
@@ -34,12 +36,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
 
-# column -> (label, script, its own flags). JT here is the repository's --mode jt: joint
-# training on the real data of every class seen so far, task by task (docs/mergan.md). The
-# paper's JT is one run on all classes at once, so the two JT numbers are not the same
-# experiment; the table says so.
+# column -> (label, script, its own flags). JT is the paper's (--mode jt: one run on every
+# class at once, one run per reported task count). "cumulative" (not run by default) is
+# another experiment -- task by task on the real data of every class seen so far -- and the
+# paper's JT is never printed beside it.
 COLUMNS = {
-    "jt": ("JT (ours: cumulative)", "mergan_jtr.py", ["--mode", "jt"]),
+    "jt": ("JT", "mergan_jtr.py", ["--mode", "jt"]),
     "sft": ("SFT", "mergan_jtr.py", ["--mode", "sft"]),
     "ewc": ("EWC", "mergan_jtr.py", ["--mode", "ewc"]),
     "jtr": ("MeRGAN-JTR", "mergan_jtr.py", []),
@@ -50,7 +52,10 @@ COLUMNS = {
     # validation split (--val-split) for the authors' model selection.
     "dgmw": ("DGM-w", "dgm.py", ["--to-32px", "pad"]),
     "dgma": ("DGM-a", "dgm.py", ["--variant", "a", "--to-32px", "pad"]),
+    "cumulative": ("Cumulative (not the paper's JT)", "mergan_jtr.py",
+                   ["--mode", "cumulative"]),
 }
+DEFAULT_COLUMNS = ["jt", "sft", "ewc", "jtr", "ra", "dgmw", "dgma"]
 DGM = ("dgmw", "dgma")
 # MeRGAN Table 1 (Wu et al. 2018): average accuracy (%) after 5 and 10 one-digit tasks.
 # DGM's paper reports A5/A10 on MNIST and SVHN too, but those values could not be checked
@@ -76,14 +81,19 @@ def parse_args(argv=None):
                    "runs/table1-<dataset>-s<seed>); an existing one is resumed")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--columns", default=",".join(COLUMNS),
-                   help=f"comma-separated columns to run, of {', '.join(COLUMNS)}")
+    p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                   help=f"comma-separated columns to run, of {', '.join(COLUMNS)} (default: "
+                        "all but cumulative)")
     p.add_argument("--jobs", type=int, default=None, help="runs at the same time (default: "
                    "every column at once on CUDA, one at a time on the CPU)")
     p.add_argument("--classes", default=None, help="classes in task order, e.g. 0,1,2 "
                    "(default: all, one per task: the papers' protocol)")
     p.add_argument("--iters", type=int, default=None, help="generator iterations per task "
                    "of the MeRGAN-family runs (default: the authors', 4001 MNIST, 8001 SVHN)")
+    p.add_argument("--jt-iters", type=int, default=None, help="iterations of each JT run "
+                   "(default: the authors' joint.py, 40001 MNIST / 80001 SVHN, when --iters "
+                   "is not given; else --iters x the tasks that JT run covers, the sequential "
+                   "runs' budget up to that task)")
     p.add_argument("--dgm-iters", type=int, default=None, help="iterations per task of the "
                    "DGM runs (default: the authors' epochs per task)")
     p.add_argument("--eval-samples", type=int, default=6400, help="generated images per "
@@ -101,6 +111,14 @@ def parse_args(argv=None):
     if unknown or not args.columns:
         raise C.UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'}; "
                           f"choose from {', '.join(COLUMNS)}")
+    if args.classes is not None:
+        args.class_list = [int(c) for c in args.classes.split(",") if c.strip()]
+    else:
+        n = C.dataset_info(args.dataset)[1]
+        if n is None and "jt" in args.columns:
+            raise C.UserError(f"--columns jt on {args.dataset}: pass --classes (JT trains "
+                              "the first k classes at once, so it needs the class list)")
+        args.class_list = list(range(n or 0))
     if args.out is None:
         args.out = os.path.join("runs", f"table1-{args.dataset}-s{args.seed}")
     # absolute, so that the runs (started from any folder) and this process agree
@@ -111,17 +129,44 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------
 # The runs
 # ------------------------------------------------------------------------------------------
-def run_command(args, col, resume):
-    """The command line of one column's run (its run folder is <out>/<col>)."""
+def marks(n_tasks):
+    """The task counts the table reports: 5 and 10 (the papers'), where reached, and the
+    last."""
+    return sorted({t for t in (5, 10) if t <= n_tasks} | {n_tasks})
+
+
+def runs_of(args):
+    """[(run name = its folder under --out, column)]: one run per column, except JT: one
+    run per reported task count k (jt<k>, classes of the first k tasks at once)."""
+    out = []
+    for col in args.columns:
+        if col == "jt":
+            out += [(f"jt{k}", col) for k in marks(len(args.class_list))]
+        else:
+            out.append((col, col))
+    return out
+
+
+def run_label(name, col):
+    return f"JT, {name[2:]} classes at once" if col == "jt" else COLUMNS[col][0]
+
+
+def run_command(args, name, col, resume):
+    """The command line of one run (its run folder is <out>/<name>)."""
     _, script, own = COLUMNS[col]
     cmd = [sys.executable, os.path.join(ROOT, script), *own, "--dataset", args.dataset,
            "--data-root", args.data_root, "--seed", str(args.seed), "--device", args.device,
-           "--eval-samples", str(args.eval_samples), "--out", os.path.join(args.out, col)]
+           "--eval-samples", str(args.eval_samples), "--out", os.path.join(args.out, name)]
     if args.no_download:
         cmd.append("--no-download")
-    if args.classes is not None:
-        cmd += ["--classes", args.classes]
-    iters = args.dgm_iters if col in DGM else args.iters
+    if col == "jt":  # the paper's JT of k tasks: classes of the first k tasks at once
+        k = int(name[2:])
+        cmd += ["--classes", ",".join(map(str, args.class_list[:k]))]
+        iters = args.jt_iters or (args.iters * k if args.iters is not None else None)
+    else:
+        if args.classes is not None:
+            cmd += ["--classes", args.classes]
+        iters = args.dgm_iters if col in DGM else args.iters
     if iters is not None:
         cmd += ["--iters", str(iters)]
     cmd += shlex.split(args.dgm_args if col in DGM else args.mergan_args)
@@ -150,8 +195,8 @@ def state(folder):
 
 # The settings that define the experiment: a table folder is only ever continued with these
 # unchanged (--columns, --jobs, --device and --status-every may change between calls).
-EXPERIMENT = ("dataset", "data_root", "seed", "classes", "iters", "dgm_iters", "eval_samples",
-              "mergan_args", "ewc_args", "dgm_args")
+EXPERIMENT = ("dataset", "data_root", "seed", "classes", "iters", "jt_iters", "dgm_iters",
+              "eval_samples", "mergan_args", "ewc_args", "dgm_args")
 
 
 def check_settings(args):
@@ -189,7 +234,7 @@ def prepare_evaluator(args):
 
 
 def progress_of(args, col):
-    """'col k/T tasks, it i/n' from the run's metrics.json and its last progress line."""
+    """'run k/T tasks, it i/n' from the run's metrics.json and its last progress line."""
     m = read_metrics(os.path.join(args.out, col))
     text = ""
     try:
@@ -204,13 +249,13 @@ def progress_of(args, col):
 
 
 def run_all(args, jobs):
-    """Run the columns' scripts, at most `jobs` at a time. Returns {column: exit status}."""
+    """Run the columns' scripts, at most `jobs` at a time. Returns {run name: exit status}."""
     todo = []
-    for col in args.columns:
-        st = state(os.path.join(args.out, col))
-        print(f"{col:5s} {COLUMNS[col][0]:22s} {st}", flush=True)
+    for name, col in runs_of(args):
+        st = state(os.path.join(args.out, name))
+        print(f"{name:5s} {run_label(name, col):22s} {st}", flush=True)
         if st != "done":
-            todo.append((col, st == "resume"))
+            todo.append((name, col, st == "resume"))
     running, status, t_print = {}, {}, time.time()
     try:
         loop(args, jobs, todo, running, status, t_print)
@@ -231,8 +276,8 @@ def loop(args, jobs, todo, running, status, t_print):
     """Start runs while fewer than `jobs` go, collect the finished ones, print status."""
     while todo or running:
         while todo and len(running) < jobs:
-            col, resume = todo.pop(0)
-            cmd = run_command(args, col, resume)
+            col, column, resume = todo.pop(0)
+            cmd = run_command(args, col, column, resume)
             log = open(os.path.join(args.out, f"{col}.log"), "a")
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
@@ -305,90 +350,127 @@ def fmt(v):
 
 
 def report(args, results, device_name):
-    """table1.md / table1.json from the finished runs' metrics.json; returns the Markdown."""
-    cols = [c for c in args.columns if c in results]
+    """table1.md / table1.json from the finished runs' metrics.json (results: {run name:
+    metrics}); returns the Markdown."""
+    runs = [(name, col) for name, col in runs_of(args) if name in results]
+    cols = [c for c in args.columns if any(col == c for _, col in runs)]
+    seq = [name for name, col in runs if col != "jt"]
+    ref_m = results[seq[0]] if seq else None
+    T = len(args.class_list)
+    paper = PAPER.get(args.dataset, {})
+    default_protocol = args.classes is None and (ref_m is None or all(
+        len(t) == 1 for t in ref_m["tasks"]))
     any_m = next(iter(results.values()))
-    T, paper = len(any_m["tasks"]), PAPER.get(args.dataset, {})
-    default_protocol = args.classes is None and all(len(t) == 1 for t in any_m["tasks"])
-    marks = sorted({t for t in (5, 10) if t <= T} | {T})
-    names = [",".join(map(str, task)) for task in any_m["tasks"]]
-    lines = [f"## Table 1 on `{args.dataset}`: tasks {names}, seed {args.seed}",
+
+    def acc(col, t):  # Acc after t tasks; JT: its run on the first t classes at once
+        if col == "jt":
+            m = results.get(f"jt{t}")
+            return m["avg_acc"][-1] if m else None
+        return results[col]["avg_acc"][t - 1] if col in results else None
+
+    jt_runs = [name for name, col in runs if col == "jt"]
+    lines = [f"## Table 1 on `{args.dataset}`: classes {args.class_list}, one per task, "
+             f"seed {args.seed}",
              "",
              f"Device: {device_name}. Acc = MeRGAN's metric: the evaluator classifier "
              f"(real test accuracy {any_m['evaluator_test_acc']:.2f}%) labels "
              f"{any_m['args']['eval_samples']} generated images of every class seen; the "
-             "mean of the per-task accuracies. A_t = DGM's metric: the accuracy of the DGM "
+             "mean of the per-task accuracies. JT is the paper's: after t tasks = one run "
+             "on the first t classes at once (" + ", ".join(f"`{n}`" for n in jt_runs)
+             + "). A_t = DGM's metric: the accuracy of the DGM "
              "discriminator's classifier head on the real test images of the classes seen "
              "(A5, A10 in the DGM paper). Paper values inline only where the dataset and "
              "the tasks are the paper's (mnist/svhn, classes 0..9, one per task); they "
-             "were obtained with the authors' budgets (4001/8001 iterations per task).",
+             "were obtained with the authors' budgets (4001/8001 iterations per task, "
+             "JT 40001/80001).",
              "",
              "| | " + " | ".join(COLUMNS[c][0] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for t in marks:
+    for t in marks(T):
         lines.append(f"| Acc after {t} tasks, ours | "
-                     + " | ".join(fmt(results[c]["avg_acc"][t - 1]) for c in cols) + " |")
+                     + " | ".join(fmt(acc(c, t)) for c in cols) + " |")
         if default_protocol and t in (5, 10) and paper:
-            # never the paper's JT beside ours: not the same experiment (see the note below)
+            # the paper's JT beside our JT only: never beside the cumulative run
             lines.append(f"| Acc after {t} tasks, paper | "
-                         + " | ".join("" if c == "jt" else fmt(paper.get(c, {}).get(t))
+                         + " | ".join(fmt(paper[c].get(t)) if c in paper else ""
                                       for c in cols) + " |")
     if any(c in DGM for c in cols):
-        for t in marks:
+        for t in marks(T):
             lines.append(f"| A_{t} (DGM solver, real test data), ours | "
                          + " | ".join(fmt(results[c]["A"][t - 1]) if c in DGM else ""
                                       for c in cols) + " |")
     lines.append("| forgetting (avg, points) | "
-                 + " | ".join(fmt(results[c]["avg_forgetting"]) for c in cols) + " |")
-    lines.append("| iterations per task | "
-                 + " | ".join(str(results[c]["args"].get("iters")
-                                  or f"{results[c]['args'].get('epochs')} epochs")
-                              for c in cols) + " |")
+                 + " | ".join("— (one task)" if c == "jt" else
+                              fmt(results[c]["avg_forgetting"]) for c in cols) + " |")
+
+    def iters(c):
+        if c == "jt":
+            return " / ".join(f"{results[n]['args']['iters']} ({n[2:]} classes)"
+                              for n in jt_runs)
+        a = results[c]["args"]
+        return str(a.get("iters") or f"{a.get('epochs')} epochs")
+    lines.append("| iterations per task (JT: of its one task) | "
+                 + " | ".join(iters(c) for c in cols) + " |")
     lines.append("| training + evaluation time (s) | "
-                 + " | ".join(f"{results[c]['seconds']:.0f}" for c in cols) + " |")
+                 + " | ".join(f"{sum(results[n]['seconds'] for n, col in runs if col == c):.0f}"
+                              for c in cols) + " |")
     ref = [c for c in cols if c in PAPER["mnist"]]
     if ref:  # the papers' numbers, always, for reference (inline above only when comparable)
         lines += ["", "For reference, MeRGAN's Table 1 (10 one-digit tasks, the full datasets, "
-                  "the authors' budgets; their JT is one joint run):", "",
-                  "| paper | " + " | ".join("JT (all classes at once)" if c == "jt" else
-                                            COLUMNS[c][0].split(" (")[0] for c in ref) + " |",
+                  "the authors' budgets):", "",
+                  "| paper | " + " | ".join(COLUMNS[c][0] for c in ref) + " |",
                   "|---|" + "---|" * len(ref)]
         for ds in ("mnist", "svhn"):
             for t in (5, 10):
                 lines.append(f"| {ds.upper()}, Acc after {t} tasks | "
                              + " | ".join(fmt(PAPER[ds][c][t]) for c in ref) + " |")
-    lines += ["", "JT (ours: cumulative) trains task by task on the real data of every class "
-              "seen so far; the paper's JT is one run on all classes at once: the two are "
-              "not the same experiment. DGM's paper values for MNIST/SVHN are not printed: "
-              "they could not be checked against the paper's text here. Accuracy matrices: "
-              + ", ".join(f"`acc_matrix_{c}.png`" for c in cols) + "."]
-    md = "\n".join(lines) + "\n"
+    notes = ["DGM's paper values for MNIST/SVHN are not printed: they could not be "
+             "checked against the paper's text here."]
+    if "cumulative" in cols:
+        notes.append("The cumulative column trains task by task on the real data of every "
+                     "class seen so far; it is not the paper's JT (one run on all classes at "
+                     "once), so no paper value stands beside it.")
+    notes.append("Accuracy matrices: " + ", ".join(f"`acc_matrix_{n}.png`" for n, _ in runs)
+                 + ".")
+    md = "\n".join(lines + ["", " ".join(notes)]) + "\n"
     with open(os.path.join(args.out, "table1.md"), "w") as f:
         f.write(md)
     C.save_json(os.path.join(args.out, "table1.json"), {
         "dataset": args.dataset, "seed": args.seed, "device": device_name,
-        "tasks": any_m["tasks"], "evaluator_test_acc": any_m["evaluator_test_acc"],
-        "columns": {c: {"label": COLUMNS[c][0], "avg_acc": results[c]["avg_acc"],
-                        "acc_matrix": results[c]["acc_matrix"],
-                        "A": results[c].get("A"), "seconds": results[c]["seconds"],
-                        "paper": paper.get(c) if default_protocol and c != "jt" else None}
-                    for c in cols}})
-    for c in cols:
-        m = results[c]
-        rows = [f"after {t + 1}" for t in range(T)]
-        draw_matrix(m["acc_matrix"], rows, names, f"{COLUMNS[c][0]}: Acc (%) of generated "
-                    f"images, {args.dataset}", os.path.join(args.out, f"acc_matrix_{c}.png"))
-        if c in DGM:
-            draw_matrix(m["solver_acc_matrix"], rows, names, f"{COLUMNS[c][0]}: solver "
+        "classes": args.class_list, "evaluator_test_acc": any_m["evaluator_test_acc"],
+        "columns": {c: {"label": COLUMNS[c][0],
+                        "acc_after": {str(t): acc(c, t) for t in marks(T)},
+                        "paper": ({t: paper[c].get(t) for t in marks(T) if t in paper[c]}
+                                  if default_protocol and c in paper else None)}
+                    for c in cols},
+        "runs": {n: {"column": col, "tasks": results[n]["tasks"],
+                     "avg_acc": results[n]["avg_acc"], "acc_matrix": results[n]["acc_matrix"],
+                     "A": results[n].get("A"), "seconds": results[n]["seconds"]}
+                 for n, col in runs}})
+    for n, col in runs:
+        m = results[n]
+        if col == "jt":  # one task: its per-class accuracies
+            classes = m["tasks"][0]
+            draw_matrix([[m["class_acc"][str(c)][0] for c in classes]], ["joint"],
+                        [str(c) for c in classes], f"{run_label(n, col)}: Acc (%) of "
+                        f"generated images, {args.dataset}",
+                        os.path.join(args.out, f"acc_matrix_{n}.png"))
+            continue
+        names = [",".join(map(str, task)) for task in m["tasks"]]
+        rows = [f"after {t + 1}" for t in range(len(m["tasks"]))]
+        draw_matrix(m["acc_matrix"], rows, names, f"{COLUMNS[col][0]}: Acc (%) of generated "
+                    f"images, {args.dataset}", os.path.join(args.out, f"acc_matrix_{n}.png"))
+        if col in DGM:
+            draw_matrix(m["solver_acc_matrix"], rows, names, f"{COLUMNS[col][0]}: solver "
                         f"accuracy (%) on real test data", os.path.join(
-                            args.out, f"solver_matrix_{c}.png"))
+                            args.out, f"solver_matrix_{n}.png"))
     return md
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = C.pick_device(args.device)
-    jobs = args.jobs or (len(args.columns) if device.type == "cuda" else 1)
+    jobs = args.jobs or (len(runs_of(args)) if device.type == "cuda" else 1)
     if jobs < 1:
         raise C.UserError("--jobs must be at least 1")
     args.device = device.type
@@ -396,16 +478,17 @@ def main(argv=None):
                    if device.type == "cuda" else "cpu")
     os.makedirs(args.out, exist_ok=True)
     check_settings(args)
-    print(f"table1: {len(args.columns)} runs in {args.out}, {jobs} at a time on {device_name}",
+    print(f"table1: {len(runs_of(args))} runs in {args.out}, {jobs} at a time on {device_name}",
           flush=True)
     t0 = time.time()
     prepare_evaluator(args)
     status = run_all(args, jobs)
-    results = {c: read_metrics(os.path.join(args.out, c)) for c in args.columns}
-    results = {c: m for c, m in results.items()
-               if m and state(os.path.join(args.out, c)) == "done"}
-    failed = [c for c, rc in status.items() if rc != 0]
-    unfinished = [c for c in args.columns if c not in results and c not in failed]
+    names = [name for name, _ in runs_of(args)]
+    results = {n: read_metrics(os.path.join(args.out, n)) for n in names}
+    results = {n: m for n, m in results.items()
+               if m and state(os.path.join(args.out, n)) == "done"}
+    failed = [n for n, rc in status.items() if rc != 0]
+    unfinished = [n for n in names if n not in results and n not in failed]
     if unfinished:
         print(f"table1: not finished, left out of the table: {', '.join(unfinished)} "
               "(the same command continues them)", flush=True)

@@ -235,22 +235,46 @@ def test_conditional_bn_uses_batch_statistics_and_labels():
     assert not torch.allclose(G(z[:8], y[:8]), a[:8])
 
 
-def test_conditional_bn_mixed_batch_equals_single_class_batches():
-    # Per-class statistics: one mixed batch == one single-class batch per class (the
-    # authors' protocol), each normalised like F.batch_norm over that class alone.
+def bn_with_classes():
+    """A conditional BN with distinct per-class scales/offsets, and a mixed batch x, y."""
     torch.manual_seed(0)
     bn = C.CondBatchNorm2d(6, n_classes=4)
     with torch.no_grad():
         bn.scale.normal_(1, 0.5)
         bn.offset.normal_(0, 0.5)
-    x = torch.randn(30, 6, 5, 5) * 3 + 1
-    y = torch.tensor([0, 2, 3] * 10)
+    return bn, torch.randn(30, 6, 5, 5) * 3 + 1, torch.tensor([0, 2, 3] * 10)
+
+
+def test_conditional_bn_mixed_batch_equals_single_class_batches():
+    # Per-class statistics: one mixed batch == one single-class batch per class (the
+    # authors' protocol), each normalised like F.batch_norm over that class alone.
+    bn, x, y = bn_with_classes()
     mixed = bn(x, y)
     for c in (0, 2, 3):
         alone = F.batch_norm(x[y == c], None, None, training=True, eps=1e-5)
         want = alone * bn.scale[c].view(1, -1, 1, 1) + bn.offset[c].view(1, -1, 1, 1)
         assert torch.allclose(mixed[y == c], want, atol=1e-5)
         assert torch.allclose(bn(x[y == c], y[y == c]), want, atol=1e-5)
+
+
+def test_conditional_bn_groups_set_which_rows_share_statistics():
+    # JT's generator (mergan_jtr.py --mode jt): a mixed batch normalised as ONE batch, each
+    # row still scaled and shifted by its own class; groups=k: one such batch per group.
+    bn, x, y = bn_with_classes()
+
+    def affine(h, labels):
+        return h * bn.scale[labels][:, :, None, None] + bn.offset[labels][:, :, None, None]
+
+    whole = bn(x, y, torch.zeros(30, dtype=torch.long), 1)
+    want = affine(F.batch_norm(x, None, None, training=True, eps=1e-5), y)
+    assert torch.allclose(whole, want, atol=1e-5)
+    assert not torch.allclose(whole, bn(x, y), atol=1e-3)  # not the per-class statistics
+    groups = torch.tensor([0] * 12 + [1] * 18)
+    two = bn(x, y, groups, 2)
+    for g in (0, 1):
+        rows = groups == g
+        want = affine(F.batch_norm(x[rows], None, None, training=True, eps=1e-5), y[rows])
+        assert torch.allclose(two[rows], want, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels, size", [(1, 32), (3, 16), (4, 8)])

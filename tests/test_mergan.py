@@ -92,13 +92,94 @@ def test_jtr_minibatch_holds_replays_of_every_earlier_class():
     assert torch.allclose(xb[64:, 0, 0, 0], yb[64:].float() / 10)
 
 
-def test_sft_and_jt_minibatches():
+def test_sft_and_cumulative_minibatches():
     x, y = C.make_synth(20, seed=0)
     train = C.TaskData(x, y, torch.device("cpu"))
     _, y_sft = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "sft", 64, 4)
     assert (y_sft == 3).all() and len(y_sft) == 64
-    _, y_jt = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "jt", 64, 4)
-    assert (y_jt[:64] == 3).all() and set(y_jt[64:].tolist()) <= {0, 1, 2}
+    _, y_cum = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "cumulative",
+                                         64, 4)
+    assert (y_cum[:64] == 3).all() and set(y_cum[64:].tolist()) <= {0, 1, 2}
+
+
+def test_jt_is_one_task_of_every_class_with_uniform_fakes_normalised_as_one_batch():
+    """--mode jt = the authors' joint.py: one task holding every class of the run; each
+    critic step a real batch mixing the classes and fakes of labels drawn uniformly
+    (independent of the real ones); G's batch norm over the whole mixed batch."""
+    args = mergan_jtr.parse_args(["--mode", "jt", "--dataset", "synth", "--iters", "2",
+                                  "--dim", "8", "--critic-iters", "2"])
+    x, y = C.make_synth(30, seed=0)
+    env = argparse.Namespace(train=C.TaskData(x, y, torch.device("cpu")), tasks=[[0, 1, 2]],
+                             device=torch.device("cpu"))
+    G, D = C.Generator(dim=8), C.Critic(dim=8)
+    calls, real = [], []
+    forward, batch = G.forward, env.train.batch
+
+    def spy_G(z, labels, groups=None, n_groups=None):
+        calls.append((labels.clone(), None if groups is None else groups.clone(), n_groups))
+        return forward(z, labels, groups, n_groups)
+
+    def spy_batch(n, classes):
+        xb, yb = batch(n, classes)
+        real.append((list(classes), yb))
+        return xb, yb
+
+    G.forward, env.train.batch = spy_G, spy_batch
+    torch.manual_seed(0)
+    mergan_jtr.train_task(0, G, D, env, args)
+    assert [r[0] for r in real] == [[0, 1, 2]] * 4  # 2 iterations x 2 critic steps
+    assert len(calls) == 6                    # 4 critic fakes + 2 generator batches
+    critic_fakes = [calls[i][0] for i in (0, 1, 3, 4)]
+    assert not any(torch.equal(f, r[1]) for f, r in zip(critic_fakes, real))  # own labels
+    for labels, groups, n in calls:
+        assert len(labels) == 64 and groups is not None and n == 1
+        assert (groups == 0).all()            # one batch-norm batch
+    labels = torch.cat([c[0] for c in calls])
+    assert torch.bincount(labels, minlength=3).min() > 100  # uniform over the 3 classes
+    assert not all(torch.equal(calls[0][0], c[0]) for c in calls[1:])  # drawn afresh
+    # the iteration count of joint.py: 40001 on MNIST, 80001 on SVHN; LSUN has no JT
+    assert mergan_jtr.parse_args(["--mode", "jt", "--dataset", "mnist"]).iters == 40001
+    assert mergan_jtr.parse_args(["--mode", "jt", "--dataset", "svhn"]).iters == 80001
+    assert mergan_jtr.parse_args(["--mode", "cumulative", "--dataset", "mnist"]).iters == 4001
+    with pytest.raises(C.UserError, match="no JT column"):
+        mergan_jtr.parse_args(["--mode", "jt", "--dataset", "lsun"])
+
+
+def test_jt_generates_each_image_inside_a_balanced_batch():
+    """JT's Acc and grids: rows of one class come out of balanced batches (per_class rows
+    of every class, normalised as one: the authors' joint.py test), never single-class
+    batches, whose statistics JT's generator never saw."""
+    torch.manual_seed(0)
+    G = C.Generator(dim=8, n_classes=10)
+    with torch.no_grad():
+        for bn in G.bns:
+            bn.scale.normal_(1, 0.5)
+            bn.offset.normal_(0, 0.5)
+    seen = []
+    forward = G.forward
+
+    def spy_G(z, labels, groups=None, n_groups=None):
+        seen.append((z.clone(), labels.clone(), groups.clone(), n_groups))
+        return forward(z, labels, groups, n_groups)
+
+    G.forward = spy_G
+    generate = mergan_jtr.balanced_generate(G, [0, 1, 2], per_class=4)
+    z = torch.randn(10, 128)
+    out = generate(z, torch.full((10,), 1))
+    assert out.shape == (10, 1, 32, 32)
+    zz, labels, groups, n = seen[0]
+    assert n == 3 and len(labels) == 3 * 12       # ceil(10 / 4) batches of 3 x 4 rows
+    for g in range(3):
+        assert torch.bincount(labels[groups == g]).tolist() == [4, 4, 4]
+    rows = torch.cat([torch.arange(4, 8) + 12 * g for g in range(3)])[:10]  # class 1's
+    assert torch.equal(zz[rows], z) and (labels[rows] == 1).all()
+    # each balanced batch is normalised alone: batch 0 through G by itself gives the same
+    alone = forward(zz[:12], labels[:12], torch.zeros(12, dtype=torch.long), 1)
+    assert torch.allclose(out[:4], alone[4:8], atol=1e-5)
+    single = forward(z[:4], torch.full((4,), 1))  # a single-class batch differs
+    assert not torch.allclose(out[:4], single, atol=1e-3)
+    with pytest.raises(ValueError, match="one class"):
+        generate(z[:2], torch.tensor([0, 1]))
 
 
 # ---------------------------------------------------------------- end to end
@@ -115,7 +196,8 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
 
 @pytest.mark.parametrize("script, extra, method", [
     ("mergan_jtr.py", [], "mergan-jtr"), ("mergan_jtr.py", ["--mode", "sft"], "mergan-sft"),
-    ("mergan_jtr.py", ["--mode", "jt"], "mergan-jt"), ("mergan_ra.py", [], "mergan-ra"),
+    ("mergan_jtr.py", ["--mode", "cumulative"], "mergan-cumulative"),
+    ("mergan_ra.py", [], "mergan-ra"),
     ("mergan_jtr.py", ["--mode", "ewc", "--fisher-samples", "8"], "mergan-ewc"),
     ("mergan_ra.py", ["--no-ra-classifier"], "mergan-ra"),
     ("mergan_jtr.py", ["--jtr-weighting", "batch"], "mergan-jtr")])
@@ -130,6 +212,19 @@ def test_scripts_run_end_to_end_on_synth(script, extra, method, data_root, tmp_p
     for name in ("args.json", "samples_task1.png", "samples_task2.png", "samples.gif",
                  "checkpoint.pt"):
         assert (out / name).exists(), name
+
+
+def test_jt_runs_one_task_of_every_class_end_to_end(data_root, tmp_path):
+    out = tmp_path / "run"
+    r = run_script("mergan_jtr.py", *TINY, "--mode", "jt", "--data-root", data_root,
+                   "--out", str(out))
+    assert "--mode jt: one task of classes [0, 1], 3 iterations" in r.stdout
+    m = json.load(open(out / "metrics.json"))
+    assert m["method"] == "mergan-jt" and m["tasks"] == [[0, 1]] and m["tasks_done"] == 1
+    assert len(m["acc_matrix"]) == 1 and len(m["acc_matrix"][0]) == 1
+    assert m["acc_matrix"][0][0] == pytest.approx(
+        (m["class_acc"]["0"][0] + m["class_acc"]["1"][0]) / 2)
+    assert (out / "samples_task1.png").exists() and (out / "samples.gif").exists()
 
 
 def test_ewc_mode_checkpoints_fisher_and_anchor(data_root, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "benchmarks", "table1.py")
-LABELS = ("JT (ours: cumulative)", "SFT", "EWC", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a")
+LABELS = ("JT", "SFT", "EWC", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a")
 
 
 def table(data_root, out, *extra):
@@ -31,17 +31,24 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
     assert [c.strip() for c in header.strip("|").split("|")][1:] == list(LABELS)
     assert "| Acc after 2 tasks, ours |" in md and "| A_2 (DGM solver" in md
     # the paper's Table 1 values, e.g. MNIST JTR 97.93 / 97.00 and EWC 70.62 / 77.03
-    assert "| paper | JT (all classes at once) | SFT | EWC |" in md  # not our cumulative JT
+    assert "| paper | JT | SFT | EWC |" in md
     assert "| MNIST, Acc after 5 tasks | 97.66 | 19.87 | 70.62 | 97.93 | 98.19 |" in md
     assert "| SVHN, Acc after 10 tasks | 84.82 | 10.10 | 33.02 | 66.50 | 66.78 |" in md
+    assert "Cumulative" not in md  # not a default column
     assert md in res.stdout  # printed too
     summary = json.load(open(out / "table1.json"))
-    for col, entry in summary["columns"].items():
-        m = json.load(open(out / col / "metrics.json"))
+    assert set(summary["runs"]) == {"jt2", "sft", "ewc", "jtr", "ra", "dgmw", "dgma"}
+    for name, entry in summary["runs"].items():
+        m = json.load(open(out / name / "metrics.json"))
         assert entry["avg_acc"] == m["avg_acc"]  # the table reads the runs' own numbers
         assert f"{m['avg_acc'][-1]:.2f}" in md
-        img = imageio.imread(out / f"acc_matrix_{col}.png")
-        assert img.ndim == 3 and img.shape[0] > 100
+        img = imageio.imread(out / f"acc_matrix_{name}.png")
+        assert img.ndim == 3 and img.shape[0] > 60
+    # JT after 2 tasks is ONE run on classes 0 and 1 at once, with the sequential runs'
+    # budget up to task 2 (2 tasks x 2 iterations)
+    jt = json.load(open(out / "jt2" / "metrics.json"))
+    assert jt["tasks"] == [[0, 1]] and jt["args"]["iters"] == 4 and jt["method"] == "mergan-jt"
+    assert summary["columns"]["jt"]["acc_after"] == {"2": jt["avg_acc"][0]}
     assert (out / "solver_matrix_dgmw.png").exists()
     assert (out / "solver_matrix_dgma.png").exists()
 
@@ -73,6 +80,26 @@ def test_table_resumes_an_interrupted_run(data_root, tmp_path):
     other = table(data_root, out, "--columns", "sft", "--eval-samples", "20")
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
     assert "holds a table made with other settings (eval_samples 10 -> 20)" in other.stderr
+
+
+def test_jt_runs_one_per_reported_task_count():
+    """The paper's JT after t tasks is one run on the first t classes at once: a 10-task
+    table runs jt5 (classes 0-4) and jt10 (0-9); the cumulative run is no JT column."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    args = table1.parse_args(["--dataset", "mnist", "--out", "/nonexistent/t"])
+    assert [r for r in table1.runs_of(args) if r[1] == "jt"] == [("jt5", "jt"), ("jt10", "jt")]
+    assert "cumulative" not in args.columns
+    cmd = table1.run_command(args, "jt5", "jt", False)
+    assert cmd[cmd.index("--classes") + 1] == "0,1,2,3,4" and "--iters" not in cmd  # 40001
+    args = table1.parse_args(["--dataset", "mnist", "--iters", "200", "--classes",
+                              "3,1,4,0,2,5", "--out", "/nonexistent/t"])
+    assert [r[0] for r in table1.runs_of(args)][:2] == ["jt5", "jt6"]
+    cmd = table1.run_command(args, "jt5", "jt", False)
+    assert cmd[cmd.index("--classes") + 1] == "3,1,4,0,2"
+    assert cmd[cmd.index("--iters") + 1] == "1000"  # 5 tasks x 200: the same budget
+    cmd = table1.run_command(args, "sft", "sft", False)
+    assert cmd[cmd.index("--classes") + 1] == "3,1,4,0,2,5" and "--mode" in cmd
 
 
 def test_table_user_errors_are_one_line(tmp_path):
