@@ -264,7 +264,7 @@ def test_ewc_penalty_is_applied_from_the_second_task(synth_eval):
         theta1 = {k: v.clone() for k, v in ewc.get("theta_").items()}
         assert all(torch.equal(theta1[k], p) for k, p in G.named_parameters())
         mergan_jtr.train_task(1, G, D, env, args, ewc)
-        moves[lam] = float((G.fc.weight - theta1["fc.weight"]).norm()
+        moves[lam] = float((G.fc.weight.detach() - theta1["fc.weight"]).norm()
                            / theta1["fc.weight"].norm())
     assert moves["1e9"] < 0.3 * moves["0"], moves
 
@@ -458,6 +458,22 @@ def test_sft_forgets_the_first_class_while_ra_and_jtr_keep_it(data_root, tmp_pat
     assert first["ra"] > 60 and first["ra"] - first["sft"] > 50, first
     assert first["jtr"] > 60 and first["jtr"] - first["sft"] > 50, first
     assert "0 after t2" in r.stdout
+
+
+@pytest.mark.slow  # the slow tier: python -m pytest -m slow
+def test_jt_learns_every_class_of_one_joint_task(data_root, tmp_path):
+    """The paper's JT at the demo's total budget (classes 0, 1, 2 at once, 400 iterations,
+    width 16, lr 1e-3): every class drawn recognisably. Measured (fbaf6d6, CPU): 84.4 /
+    95.0 / 87.2% for classes 0 / 1 / 2 in 69 s; margin 70. balanced_generate handing back
+    the rows of the wrong class fails it (tried: class 0's rows for every class)."""
+    out = tmp_path / "jt"
+    run_script("mergan_jtr.py", "--mode", "jt", "--dataset", "synth", "--classes", "0,1,2",
+               "--iters", "400", "--dim", "16", "--lr", "1e-3", "--eval-samples", "320",
+               "--device", "cpu", "--seed", "0", "--data-root", data_root, "--out", str(out),
+               timeout=1200)
+    m = json.load(open(out / "metrics.json"))
+    per_class = {c: v[0] for c, v in m["class_acc"].items()}
+    assert m["tasks"] == [[0, 1, 2]] and min(per_class.values()) > 70, per_class
 
 
 # ---------------------------------------------------------------- the LSUN setting (Table 2)
