@@ -75,6 +75,11 @@ def parse_args(argv=None):
                         "the 64x64 LSUN nets, as they run): on, each earlier class gets "
                         "batch // K replays; off, a whole batch each, and per-class JTR "
                         "weighs the K earlier classes 1/K each")
+    p.add_argument("--jt-eval", default="balanced", choices=["balanced", "single-class"],
+                   help="--mode jt: how Acc's images and the grids are generated; balanced "
+                        "(the authors' joint.py test): inside batches holding every class 10 "
+                        "times, normalised as one; single-class: batches of one class, as "
+                        "the other modes (batches JT's generator never trained on)")
     p.add_argument("--ewc-lambda", type=float, default=1e9, help="--mode ewc: lambda_EWC "
                    "of Eq. (9) (paper: 1e9)")
     p.add_argument("--fisher-samples", type=int, default=1000, help="--mode ewc: generated "
@@ -401,7 +406,8 @@ def main(argv=None):
         k = len(classes)
         if classes == list(range(k)) and k in PAPER_JT.get(args.dataset, {}):
             paper = {1: PAPER_JT[args.dataset][k]}
-        generate = balanced_generate(G, classes)  # mixed batches, as JT trains (joint.py)
+        if args.jt_eval == "balanced":  # mixed batches, as JT trains (joint.py)
+            generate = balanced_generate(G, classes)
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
     run = C.TaskRun(args, env, f"mergan-{args.mode}", models, generate=generate)
