@@ -944,7 +944,17 @@ def generate_class(generate, c, n, nz, device, batch=64, z=None):
 # ------------------------------------------------------------------------------------------
 # 5. Metrics
 # ------------------------------------------------------------------------------------------
-class Evaluator(nn.Module):
+class BodyHead(nn.Module):
+    """A classifier as `body` (features: the penultimate layer) then `head` (logits)."""
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Evaluator(BodyHead):
     """The classifier that judges generated images (and is the feature net of the
     evaluator Frechet distance): 3 conv blocks + a 256-d feature layer + logits."""
 
@@ -957,22 +967,6 @@ class Evaluator(nn.Module):
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * w * 16, 8 * w), nn.ReLU())
         self.head = nn.Linear(8 * w, n_classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-class BodyHead(nn.Module):
-    """A classifier as `body` (features: the penultimate layer) then `head` (logits)."""
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 class AuthorsMLP(BodyHead):
@@ -1283,7 +1277,7 @@ def _process_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process
+        pass  # alive: someone else's process
     return True
 
 

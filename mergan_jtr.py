@@ -346,8 +346,8 @@ def train_task(t, G, D, env, args, ewc=None):
     joint = args.mode == "jt"  # the paper's JT: one task holding every class (joint.py)
     task_y = torch.tensor(task, dtype=torch.long, device=env.device)
     # JT's generator normalises each mixed batch as one (joint.py); the others per class
-    one_batch = (torch.zeros(args.batch_size, dtype=torch.long, device=env.device), 1)
-    bn_groups = one_batch if joint else None
+    bn_groups = ((torch.zeros(args.batch_size, dtype=torch.long, device=env.device), 1)
+                 if joint else None)
     penalty = None
     if args.mode == "ewc" and t > 0:  # Eq. (9), from the second task on
         fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}

@@ -233,19 +233,19 @@ def prepare_evaluator(args):
           flush=True)
 
 
-def progress_of(args, col):
+def progress_of(args, name):
     """'run k/T tasks, it i/n' from the run's metrics.json and its last progress line."""
-    m = read_metrics(os.path.join(args.out, col))
+    m = read_metrics(os.path.join(args.out, name))
     text = ""
     try:
-        with open(os.path.join(args.out, f"{col}.log"), "rb") as f:
+        with open(os.path.join(args.out, f"{name}.log"), "rb") as f:
             f.seek(max(0, os.path.getsize(f.name) - 600))
             text = f.read().decode(errors="replace")
     except OSError:
         pass
     its = re.findall(r"\] it +(\d+/\d+)", text)
     done = f"{m['tasks_done']}/{len(m['tasks'])} tasks" if m else "0 tasks"
-    return f"{col} {done}" + (f", it {its[-1]}" if its else "")
+    return f"{name} {done}" + (f", it {its[-1]}" if its else "")
 
 
 def run_all(args, jobs):
@@ -276,27 +276,27 @@ def loop(args, jobs, todo, running, status, t_print):
     """Start runs while fewer than `jobs` go, collect the finished ones, print status."""
     while todo or running:
         while todo and len(running) < jobs:
-            col, column, resume = todo.pop(0)
-            cmd = run_command(args, col, column, resume)
-            log = open(os.path.join(args.out, f"{col}.log"), "a")
+            name, col, resume = todo.pop(0)
+            cmd = run_command(args, name, col, resume)
+            log = open(os.path.join(args.out, f"{name}.log"), "a")
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
-            running[col] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                            log, time.time())
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                             log, time.time())
         time.sleep(0.5)
-        for col, (proc, log, t0) in list(running.items()):
+        for name, (proc, log, t0) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
-            del running[col]
-            status[col] = proc.returncode
+            del running[name]
+            status[name] = proc.returncode
             if proc.returncode == 0:
-                print(f"{col} finished ({time.time() - t0:.0f}s)", flush=True)
+                print(f"{name} finished ({time.time() - t0:.0f}s)", flush=True)
             else:
-                tail = open(os.path.join(args.out, f"{col}.log")).read().strip()
+                tail = open(os.path.join(args.out, f"{name}.log")).read().strip()
                 tail = tail.splitlines()[-1] if tail else ""
-                print(f"{col} FAILED (exit {proc.returncode}): {tail}  -> see "
-                      f"{os.path.join(args.out, col + '.log')}", flush=True)
+                print(f"{name} FAILED (exit {proc.returncode}): {tail}  -> see "
+                      f"{os.path.join(args.out, name + '.log')}", flush=True)
         if running and time.time() - t_print >= args.status_every:
             t_print = time.time()
             print("[table1] " + " | ".join(progress_of(args, c) for c in running), flush=True)
