@@ -68,34 +68,34 @@ THRES_COSH = 50.0     # authors / HAT: clamp of s*e inside cosh
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = C.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None, batch_size=None)
     p.add_argument("--variant", default="w", choices=["w", "a"],
                    help="w: DGM-w, a mask per weight; a: DGM-a, a mask per unit (activation)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=C.at_least(1), default=None,
                    help="epochs per task (authors: 101 MNIST, 151 SVHN). Sets the default "
                         "--iters (epochs x batches in the task's training set) and the "
                         "annealing schedule of s, which rises epoch by epoch")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D, "
+    p.add_argument("--lr", type=C.positive, default=None, help="Adam learning rate of G and D, "
                    "betas (0.5, 0.999) (authors: 2e-3 MNIST, 5e-4 SVHN)")
-    p.add_argument("--s-max", type=float, default=None, help="final slope of the mask "
+    p.add_argument("--s-max", type=C.positive, default=None, help="final slope of the mask "
                    "sigmoid (authors: 1e4 DGM-w, 1e5 DGM-a)")
-    p.add_argument("--lambda-ru", type=float, default=None, help="weight of the sparsity "
+    p.add_argument("--lambda-ru", type=C.non_negative, default=None, help="weight of the sparsity "
                    "regulariser R_t (authors: 0.08 MNIST DGM-w, 0.01 DGM-a, 0.001 SVHN)")
-    p.add_argument("--lambda-gp", type=float, default=None, help="gradient-penalty weight "
+    p.add_argument("--lambda-gp", type=C.non_negative, default=None, help="gradient-penalty weight "
                    "(authors: 1.0 digits, 0.6 ImageNet)")
-    p.add_argument("--ngf", type=int, default=None, help="generator width before any "
+    p.add_argument("--ngf", type=C.at_least(1), default=None, help="generator width before any "
                    "growth: 4ngf, 2ngf, ngf channels (authors: 6 DGM-w, 20 DGM-a)")
-    p.add_argument("--ndf", type=int, default=None, help="discriminator width: ndf, 2ndf, "
+    p.add_argument("--ndf", type=C.at_least(1), default=None, help="discriminator width: ndf, 2ndf, "
                    "4ndf channels (authors: 32 digits)")
-    p.add_argument("--nz", type=int, default=128, help="noise size; the label's one-hot "
+    p.add_argument("--nz", type=C.at_least(1), default=128, help="noise size; the label's one-hot "
                    "is written into its first n_classes entries (authors)")
     p.add_argument("--replay", default="generated", choices=["generated", "none"],
                    help="generated: D's classifier also learns from G's replays of every "
                         "earlier class (DGM); none: only the current task (the forgetting "
                         "baseline)")
-    p.add_argument("--replay-size", type=int, default=None, help="replayed images per "
+    p.add_argument("--replay-size", type=C.at_least(1), default=None, help="replayed images per "
                    "earlier class (default, authors: the current task's training-set size)")
     p.add_argument("--d-norm", default="none", choices=["none", "batch"],
                    help="batch norm in D's 2nd and 3rd conv: none (default, WGAN-GP's advice) "
@@ -109,18 +109,18 @@ def parse_args(argv=None):
                    help="add the AC-GAN classification loss of G's images to G's loss (the "
                         "authors' aux_G). Default: their per-config choice (digits: off; "
                         "folder, from their ImageNet run: on)")
-    p.add_argument("--val-split", type=float, default=None,
+    p.add_argument("--val-split", type=C.fraction, default=None,
                    help="share of each class's training images held out for model "
                         "selection (authors: 0.15 MNIST, 0.10 SVHN); A_t is reported at the "
                         "best-validation check, beside the final model's. 0: no split, "
                         "report the final model")
-    p.add_argument("--val-every", type=int, default=2, help="epochs between validation "
+    p.add_argument("--val-every", type=C.at_least(1), default=2, help="epochs between validation "
                    "checks of the solver (authors: 2), and one at the end of each task")
     p.add_argument("--to-32px", default="resize", choices=["resize", "pad"],
                    help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, "
                         "the DGM authors') or pad (zero border, MeRGAN's)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
-    args = p.parse_args(argv)
+    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs",))
     if args.dataset == "folder" and args.image_size is None:
         args.image_size = 32  # the authors' ImageNet-50 run is at 32x32
     key = (BORROW.get(args.dataset, args.dataset), args.variant)
@@ -129,7 +129,7 @@ def parse_args(argv=None):
     for name, value in cfg.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return C.check_args(args)  # numbers in range: one clear line otherwise
+    return args
 
 
 # ------------------------------------------------------------------------------------------
@@ -432,6 +432,30 @@ def s_schedule(it, iters, epochs, s_max, variant):
     return s_ep, s_ep
 
 
+def hold_out(data, fraction, seed):
+    """(train, validation) of a TaskData, as the authors' loaders split: int(fraction * n)
+    of the n images of every class go to validation, drawn by a generator seeded with
+    `seed` (so that --resume finds the same split). fraction 0: (data, None)."""
+    if not fraction:
+        return data, None
+    g = torch.Generator().manual_seed(seed)
+    y = data.y.cpu()
+    val = []
+    for c in y.unique().tolist():
+        idx = (y == c).nonzero().flatten()
+        n_val = int(fraction * len(idx))
+        if not 0 < n_val < len(idx):
+            raise C.UserError(f"--val-split {fraction} leaves class {c} ({len(idx)} images) "
+                              "without validation or training images; use --val-split 0")
+        val.append(idx[torch.randperm(len(idx), generator=g)[:n_val]])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    keep, val = keep.to(data.device), val.to(data.device)
+    return (C.TaskData(data.x[keep], data.y[keep], data.device),
+            C.TaskData(data.x[val], data.y[val], data.device))
+
+
 @torch.no_grad()
 def build_replay(generate, prev_classes, n_per_class, nz, device):
     """The replay set of task t (authors): n images of every earlier class, drawn once at
@@ -664,7 +688,7 @@ def main(argv=None):
     D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,
                 args.d_norm).to(env.device)
     generate = make_generate(G, env.tasks, env.n_classes, args.s_max, env.device)
-    env.train, env.val = C.hold_out(env.train, args.val_split, args.seed)  # authors' split
+    env.train, env.val = hold_out(env.train, args.val_split, args.seed)  # authors' split
     results = new_results()  # DGM's own metrics, filled by train_task, checkpointed
     method = f"dgm-{args.variant}" + ("-noreplay" if args.replay == "none" else "")
 

@@ -63,32 +63,35 @@ def shots_arg(text):
     if text.strip().lower() == "all":
         return None
     try:
-        return int(text)
+        k = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a number or `all`, got {text!r}")
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or `all`, got {k}")
+    return k
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = C.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data-root", default="./data", help="where datasets are read from / "
                    "downloaded to (default of --source-root and --target-root)")
     g.add_argument("--no-download", action="store_true",
                    help="never try the network; fail with a clear message if data is missing")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--image-size", type=C.at_least(4), default=None,
                    help="side of the square images (default: the target's, 32 for digits)")
     g.add_argument("--out", default=None, help="run folder (default: "
                    "runs/ewc_fewshot-<source>-to-<target>-s<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch; "
                    "also picks the K shots")
-    g.add_argument("--batch-size", type=int, default=64, help="minibatch size")
-    g.add_argument("--log-every", type=int, default=100,
+    g.add_argument("--batch-size", type=C.at_least(1), default=64, help="minibatch size")
+    g.add_argument("--log-every", type=C.at_least(1), default=100,
                    help="print a progress line every this many iterations")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in "
-                   "--out (default: the newest matching run under runs/) after its last "
-                   "finished stage")
+                   "--out after its last finished stage, with the flags it was started "
+                   "with (args.json)")
     f = p.add_argument_group("source, target and shots")
     f.add_argument("--source", default="mnist", help="source domain: one of "
                    f"{', '.join(C.DATASETS)} (default mnist: 60,000 digits)")
@@ -103,26 +106,26 @@ def parse_args(argv=None):
                    "--seed; `all`: the whole target training set (the paper's Section 3.1 "
                    "analysis with abundant target data; no diversity is measured then)")
     t = p.add_argument_group("training")
-    t.add_argument("--source-iters", type=int, default=10000,
+    t.add_argument("--source-iters", type=C.at_least(1), default=10000,
                    help="generator iterations of the source stage")
     t.add_argument("--source-ckpt", default=None, help="a source.pt written by an earlier "
                    "run (its run folder holds one): skip the source stage")
-    t.add_argument("--iters", type=int, default=1000, help="adaptation iterations per lambda")
+    t.add_argument("--iters", type=C.at_least(1), default=1000, help="adaptation iterations per lambda")
     t.add_argument("--ewc-lambda", default=None,
                    help="comma-separated lambdas, each adapted from the same source (0 = "
                         "plain fine-tuning, the baseline; default 0,1e3; the paper's 5e8 "
                         "pins our DCGANs to the source, see docs)")
-    t.add_argument("--fisher-samples", type=int, default=1000,
+    t.add_argument("--fisher-samples", type=C.at_least(2), default=1000,
                    help="generated images whose squared per-sample gradients are averaged "
                         "into the Fisher information")
-    t.add_argument("--lr", type=float, default=2e-4,
+    t.add_argument("--lr", type=C.positive, default=2e-4,
                    help="Adam learning rate (2e-4, betas 0.5/0.999: the DCGAN setting)")
-    t.add_argument("--dim", type=int, default=64, help="network width (64 = DCGAN's ngf/ndf)")
-    t.add_argument("--nz", type=int, default=100, help="latent size of the DCGAN (100)")
+    t.add_argument("--dim", type=C.at_least(1), default=64, help="network width (64 = DCGAN's ngf/ndf)")
+    t.add_argument("--nz", type=C.at_least(1), default=100, help="latent size of the DCGAN (100)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--fd-samples", type=int, default=2000,
+    e.add_argument("--fd-samples", type=C.at_least(2), default=2000,
                    help="generated images for the Frechet distance to the full target set")
-    e.add_argument("--diversity-samples", type=int, default=1000,
+    e.add_argument("--diversity-samples", type=C.at_least(2), default=1000,
                    help="generated images for the intra-cluster diversity (~1000 in the "
                         "papers that measure it)")
     e.add_argument("--diversity-cap", type=int, default=50,
@@ -131,7 +134,8 @@ def parse_args(argv=None):
     e.add_argument("--inception-fid", action="store_true",
                    help="also compute Inception FID (needs torchvision's Inception weights, "
                         "downloaded once)")
-    args = p.parse_args(argv)
+    args = C.parse_run_args(p, argv, run_flags=("source_root", "target_root",
+                                                "source_ckpt", "inception_fid"))
 
     try:
         args.lambdas = ([float(v) for v in args.ewc_lambda.split(",") if v.strip()]
@@ -147,7 +151,6 @@ def parse_args(argv=None):
     args.target_root = args.target_root or args.data_root
     # the run folder, checkpoints and --resume key on this name
     args.dataset = f"{args.source}-to-{args.target}"
-    C.check_args(args)  # numbers in range: one clear line otherwise
     if args.diversity_cap < 0 or args.diversity_cap == 1:
         raise C.UserError("--diversity-cap must be 0 (every member) or at least 2, got "
                           f"{args.diversity_cap}")
@@ -299,7 +302,7 @@ def load_loose_images(root, size):
     if not files:
         raise C.UserError(f"no images ({', '.join(ext)}) found in {root}")
     tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-    return torch.stack([tf(C._open_rgb(os.path.join(root, f))) for f in files])
+    return torch.stack([tf(C.open_rgb(os.path.join(root, f))) for f in files])
 
 
 def pick_shots(x, k, seed):

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import mergan_nets as M
 
 # Table 1 of the paper: average accuracy (%) after 5 and 10 tasks, one digit per task.
 PAPER = {("jtr", "mnist"): {5: 97.93, 10: 97.00}, ("jtr", "svhn"): {5: 80.90, 10: 66.50},
@@ -47,7 +48,7 @@ PAPER_LSUN = {"jtr": {"acc": 79.19, "rev_acc": 70.00, "fid": 49.69},
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = C.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
     p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "ewc", "jt", "cumulative"],
@@ -57,13 +58,13 @@ def parse_args(argv=None):
                         "task of every class of the run at once (authors' joint.py); "
                         "cumulative: task by task on the real data of every class seen so "
                         "far (not the paper's JT)")
-    p.add_argument("--lambda-cls", type=float, default=1.0, help="weight of the AC "
+    p.add_argument("--lambda-cls", type=C.non_negative, default=1.0, help="weight of the AC "
                    "classification losses, Eqs. (3) and (6) (paper: 1)")
-    p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight "
+    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0, help="gradient-penalty weight "
                    "in Eq. (5) (paper: 10)")
-    p.add_argument("--critic-iters", type=int, default=5, help="critic steps per generator "
+    p.add_argument("--critic-iters", type=C.at_least(1), default=5, help="critic steps per generator "
                    "step (paper: 5)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
+    p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
     p.add_argument("--jtr-weighting", default="per-class", choices=["per-class", "batch"],
                    help="--mode jtr: how the losses weigh the classes of the joined batch; "
@@ -80,15 +81,15 @@ def parse_args(argv=None):
                         "(the authors' joint.py test): inside batches holding every class 10 "
                         "times, normalised as one; single-class: batches of one class, as "
                         "the other modes (batches JT's generator never trained on)")
-    p.add_argument("--ewc-lambda", type=float, default=1e9, help="--mode ewc: lambda_EWC "
+    p.add_argument("--ewc-lambda", type=C.non_negative, default=1e9, help="--mode ewc: lambda_EWC "
                    "of Eq. (9) (paper: 1e9)")
-    p.add_argument("--fisher-samples", type=int, default=1000, help="--mode ewc: generated "
+    p.add_argument("--fisher-samples", type=C.at_least(2), default=1000, help="--mode ewc: generated "
                    "images whose squared per-sample gradients are averaged into the Fisher "
                    "information after each task")
     p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
                    help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
                         "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    p.add_argument("--dim", type=int, default=None, help="width of generator and critic "
+    p.add_argument("--dim", type=C.at_least(1), default=None, help="width of generator and critic "
                    "(paper: 32 for dcgan, 64 for resnet)")
     p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
                    help="after the last task also report Table 2's Rev acc and the Frechet "
@@ -100,7 +101,8 @@ def parse_args(argv=None):
                    "autograd's gradient penalty and plain 5x5 convolutions, without the "
                    "digit nets' speed branches (same numbers to float rounding, slower)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
-    args = p.parse_args(argv)
+    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs", "final_metrics",
+                                                "inception_fid"))
     # Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
     # for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001,
     # LSUN 20001 (JT, one task: MNIST 40001, SVHN 80001, joint.py); Table 2's metrics on
@@ -121,7 +123,7 @@ def parse_args(argv=None):
         args.final_metrics = args.dataset == "lsun"
     if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
         args.reduce_batch = args.arch == "dcgan"
-    return C.check_args(args)  # numbers in range: one clear line otherwise
+    return args
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,7 +392,7 @@ def main(argv=None):
         env.tasks = [[c for task in env.tasks for c in task]]
         print(f"--mode jt: one task of classes {env.tasks[0]}, {args.iters} iterations",
               flush=True)
-    G, D = C.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
+    G, D = M.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
                              env.image_size, critic_classes=env.n_classes,
                              fast=not args.plain_step)
     G, D = G.to(env.device), D.to(env.device)
@@ -417,7 +419,7 @@ def main(argv=None):
     metrics = run.finish(paper=paper)
     if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows
         lsun = default_protocol and args.dataset == "lsun"
-        metrics = run.generated_set_report(PAPER_LSUN.get(args.mode) if lsun else None)
+        metrics = M.table2_report(run, PAPER_LSUN.get(args.mode) if lsun else None)
     return metrics
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+import mergan_nets as M
 
 # Table 1 of the paper: MeRGAN-RA average accuracy (%) after 5 and 10 tasks.
 PAPER = {"mnist": {5: 98.19, 10: 97.01}, "svhn": {5: 76.05, 10: 66.78}}
@@ -32,10 +33,10 @@ PAPER_LSUN = {"acc": 81.03, "rev_acc": 83.62, "fid": 37.73}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = C.Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
-    p.add_argument("--lambda-ra", type=float, default=None,
+    p.add_argument("--lambda-ra", type=C.non_negative, default=None,
                    help="weight of the replay alignment loss, with the authors' "
                         "normalisation (1/2 sum of squares, / number of earlier classes "
                         "with --reduce-batch); default 1e-3, 1e-2 on svhn and synth-color "
@@ -45,23 +46,23 @@ def parse_args(argv=None):
                         "learns CE on the current real images, G CE on its current fakes "
                         "(Eqs. 3, 6; default); --no-ra-classifier: the critic alone, as "
                         "the paper's text reads")
-    p.add_argument("--lambda-cls", type=float, default=1.0, help="weight of the AC losses "
+    p.add_argument("--lambda-cls", type=C.non_negative, default=1.0, help="weight of the AC losses "
                    "with --ra-classifier (authors: 1)")
     p.add_argument("--reduce-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="the authors' REDUCE_BATCH (default: on for the digit nets, off for "
                         "the 64x64 LSUN nets, as they run): on, batch // K aligned samples "
                         "per earlier class and the alignment divided by K; off, a whole "
                         "batch per earlier class, not divided")
-    p.add_argument("--lambda-gp", type=float, default=10.0, help="gradient-penalty weight "
+    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0, help="gradient-penalty weight "
                    "in Eq. (5) (paper: 10)")
-    p.add_argument("--critic-iters", type=int, default=5, help="critic steps per generator "
+    p.add_argument("--critic-iters", type=C.at_least(1), default=5, help="critic steps per generator "
                    "step (paper: 5)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, both nets "
+    p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
     p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
                    help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
                         "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    p.add_argument("--dim", type=int, default=None, help="width of generator and critic "
+    p.add_argument("--dim", type=C.at_least(1), default=None, help="width of generator and critic "
                    "(paper: 32 for dcgan, 64 for resnet)")
     p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
                    help="after the last task also report Table 2's Rev acc and the Frechet "
@@ -73,7 +74,8 @@ def parse_args(argv=None):
                    "autograd's gradient penalty and plain 5x5 convolutions, without the "
                    "digit nets' speed branches (same numbers to float rounding, slower)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
-    args = p.parse_args(argv)
+    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs", "final_metrics",
+                                                "inception_fid"))
     # Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
     # for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001,
     # LSUN 20001; Table 2's metrics on for lsun.
@@ -90,7 +92,7 @@ def parse_args(argv=None):
         args.reduce_batch = args.arch == "dcgan"
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3
-    return C.check_args(args)  # numbers in range: one clear line otherwise
+    return args
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def train_task(t, G, D, env, args):
 def main(argv=None):
     args = parse_args(argv)
     env = C.setup(args, "mergan_ra")  # device, seed, data on the device, tasks, evaluator
-    G, D = C.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
+    G, D = M.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
                              env.image_size, fast=not args.plain_step,
                              critic_classes=env.n_classes if args.ra_classifier else None)
     G, D = G.to(env.device), D.to(env.device)
@@ -209,7 +211,7 @@ def main(argv=None):
     metrics = run.finish(paper=PAPER.get(args.dataset) if default_protocol else None)
     if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows
         lsun = default_protocol and args.dataset == "lsun"
-        metrics = run.generated_set_report(paper=PAPER_LSUN if lsun else None)
+        metrics = M.table2_report(run, PAPER_LSUN if lsun else None)
     return metrics
 
 

@@ -27,7 +27,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import common as C  # noqa: E402
+import common as C
+import mergan_nets as M  # noqa: E402
 import dgm  # noqa: E402
 import mergan_jtr  # noqa: E402
 import mergan_ra  # noqa: E402
@@ -65,12 +66,12 @@ def mergan_task(name, t, iters, graphs, env):
     torch.manual_seed(0)
     if name == "ra":
         args = mergan_ra.parse_args(flags)
-        G, D = C.mergan_networks("dcgan", 1, 10, 32, 32,  # the AC head, as by default
+        G, D = M.mergan_networks("dcgan", 1, 10, 32, 32,  # the AC head, as by default
                                  critic_classes=10 if args.ra_classifier else None)
         run = mergan_ra.train_task
     else:  # jtr, ewc (the EWC baseline is a mode of mergan_jtr.py)
         args = mergan_jtr.parse_args(["--mode", name, "--fisher-samples", "2"] + flags)
-        G, D = C.mergan_networks("dcgan", 1, 10, 32, 32, critic_classes=10)
+        G, D = M.mergan_networks("dcgan", 1, 10, 32, 32, critic_classes=10)
         ewc = mergan_jtr.EWCState(G).to(env.device)
         run = lambda t, G, D, env, args: mergan_jtr.train_task(t, G, D, env, args, ewc)
     G, D = G.to(env.device), D.to(env.device)

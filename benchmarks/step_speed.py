@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common as C  # noqa: E402
+import common as C
+import mergan_nets as M  # noqa: E402
 import mergan_jtr  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def main():
     for name in ("plain", "ours"):
         torch.manual_seed(0)
         # plain: the same networks without their speed branches (as with --plain-step)
-        G, D = C.Generator(fast=name == "ours").to(dev), C.Critic(fast=name == "ours").to(dev)
+        G, D = M.Generator(fast=name == "ours").to(dev), M.Critic(fast=name == "ours").to(dev)
         opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9), dev) for m in (G, D))
         x = torch.rand(64, 1, 32, 32, device=dev) * 2 - 1
         y = torch.zeros(64, dtype=torch.long, device=dev)

@@ -219,18 +219,14 @@ def check_settings(args):
 def prepare_evaluator(args):
     """Train (or load) the dataset's evaluator once, before the runs start, so that parallel
     runs all load the same cached model instead of training it side by side."""
-    log = os.path.join(args.out, "evaluator.log")
-    cmd = [sys.executable, os.path.join(ROOT, "common.py"), "--dataset", args.dataset,
-           "--data-root", args.data_root, "--device", args.device, "--out", args.out]
-    if args.no_download:
-        cmd.append("--no-download")
-    with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-    text = open(log).read().strip().splitlines()
-    if rc != 0:
-        raise C.UserError(f"the evaluator could not be prepared: {text[-1] if text else rc}")
-    print(next((line for line in reversed(text) if "real test accuracy" in line), text[-1]),
-          flush=True)
+    device = C.pick_device(args.device)
+    data = [C.load_dataset(args.dataset, args.data_root, train, download=not args.no_download)
+            for train in (True, False)]
+    with open(os.path.join(args.out, "evaluator.log"), "w") as f:
+        _, acc = C.get_evaluator(args, C.TaskData(*data[0][:2], device),
+                                 C.TaskData(*data[1][:2], device), len(data[0][2]), device,
+                                 log=lambda line: print(line, file=f, flush=True))
+    print(f"evaluator: real test accuracy {acc:.2f}%", flush=True)
 
 
 def progress_of(args, name):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common as C
+import mergan_nets as M
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,7 @@ def lsun_root(tmp_path):
     import io
     from PIL import Image
     x, _ = C.make_synth(9, seed=7, color=True)
-    for c, cat in enumerate(C.LSUN_CATEGORIES):
+    for c, cat in enumerate(M.LSUN_CATEGORIES):
         for split, n in (("train", 6), ("val", 3)):
             db = lmdb.open(str(tmp_path / f"{cat}_{split}_lmdb"), map_size=1 << 24)
             with db.begin(write=True) as txn:

@@ -629,7 +629,7 @@ def test_best_validation_reports_the_test_accuracy_of_the_best_check(monkeypatch
 
 def test_train_task_reports_the_best_validation_check_beside_the_final_model(synth_eval):
     G, D, args, env, gen, res = tiny_run(synth_eval, "a", [[0], [1]], iters=20)
-    env.train, env.val = C.hold_out(env.train, 0.15, 0)
+    env.train, env.val = dgm.hold_out(env.train, 0.15, 0)
     for t in range(2):
         dgm.train_task(t, G, D, env, args, gen, res)
     assert res["best_val_epoch"][1] in {0, 2, 4}

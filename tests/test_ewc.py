@@ -229,7 +229,7 @@ def test_perceptual_distance_known_answer():
     position; block 2 (1,1)/sqrt2 vs (0,1): 2 - sqrt2; block 3 equal: 0. The distance is
     the sum over blocks of the MEAN over positions: 3 - sqrt2, whatever the image size
     (the mean over positions, not the sum)."""
-    net = C.Evaluator(1, 2, width=1).eval()
+    net = C.make_classifier("ours", 1, 2, width=1).eval()
     convs = [m for m in net.body if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         for c in convs:
@@ -389,7 +389,7 @@ def test_user_errors_are_one_line(tmp_path):
     cases = [(["--source", "nope"], "unknown dataset 'nope'"),
              (["--ewc-lambda", "a,b"], "--ewc-lambda must be comma-separated numbers"),
              (["--source", "synth", "--target", "synth-amber", "--shots", "0"],
-              "--shots must be at least 1"),
+              "--shots: must be at least 1"),
              (["--source", "synth", "--target", "synth-amber", "--diversity-cap", "1"],
               "--diversity-cap must be 0 (every member) or at least 2")]
     bad = tmp_path / "bad.pt"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common as C
+import mergan_nets as M
 import mergan_jtr
 import mergan_ra
 
@@ -29,8 +30,8 @@ class LabelPainter(torch.nn.Module):
 # ---------------------------------------------------------------- replay alignment
 def test_replay_alignment_zero_for_equal_generators_positive_otherwise():
     torch.manual_seed(0)
-    G = C.Generator(dim=8)
-    G_prev = C.Generator(dim=8)
+    G = M.Generator(dim=8)
+    G_prev = M.Generator(dim=8)
     G_prev.load_state_dict(G.state_dict())
     z, y = mergan_ra.alignment_batch([0, 1, 2], 64, 128, torch.device("cpu"))
     assert len(y) == 63 and torch.bincount(y).tolist() == [21, 21, 21]
@@ -48,8 +49,8 @@ def test_replay_alignment_normalisation_known_answer():
 
 def test_frozen_generator_receives_no_gradient_and_stays_unchanged():
     torch.manual_seed(0)
-    G, D = C.Generator(dim=8), C.Critic(n_classes=None, dim=8)
-    G_prev = C.Generator(dim=8)
+    G, D = M.Generator(dim=8), M.Critic(n_classes=None, dim=8)
+    G_prev = M.Generator(dim=8)
     G_prev.load_state_dict(G.state_dict())
     with torch.no_grad():
         G.fc.bias.add_(0.1)  # make the alignment term non-zero
@@ -70,8 +71,8 @@ def test_frozen_generator_receives_no_gradient_and_stays_unchanged():
 def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
     # the JTR critic step never touches the replay generator's parameters either
     torch.manual_seed(0)
-    G, D = C.Generator(dim=8), C.Critic(dim=8)
-    G_prev = C.Generator(dim=8).requires_grad_(False)
+    G, D = M.Generator(dim=8), M.Critic(dim=8)
+    G_prev = M.Generator(dim=8).requires_grad_(False)
     x, y = mergan_jtr.replay_batch(G_prev, [0, 1], 8, 128, torch.device("cpu"))
     args = mergan_jtr.parse_args(["--dataset", "synth"])
     opt_D = C.adam(D, 1e-3, (0.0, 0.9), torch.device("cpu"))
@@ -112,7 +113,7 @@ def test_jt_is_one_task_of_every_class_with_uniform_fakes_normalised_as_one_batc
     x, y = C.make_synth(30, seed=0)
     env = argparse.Namespace(train=C.TaskData(x, y, torch.device("cpu")), tasks=[[0, 1, 2]],
                              device=torch.device("cpu"))
-    G, D = C.Generator(dim=8), C.Critic(dim=8)
+    G, D = M.Generator(dim=8), M.Critic(dim=8)
     calls, real = [], []
     forward, batch = G.forward, env.train.batch
 
@@ -151,7 +152,7 @@ def test_jt_generates_each_image_inside_a_balanced_batch():
     of every class, normalised as one: the authors' joint.py test), never single-class
     batches, whose statistics JT's generator never saw."""
     torch.manual_seed(0)
-    G = C.Generator(dim=8, n_classes=10)
+    G = M.Generator(dim=8, n_classes=10)
     with torch.no_grad():
         for bn in G.bns:
             bn.scale.normal_(1, 0.5)
@@ -266,7 +267,7 @@ def test_ewc_penalty_is_applied_from_the_second_task(synth_eval):
                                       "--dim", "8", "--fisher-samples", "16", "--log-every",
                                       "100", "--ewc-lambda", lam])
         torch.manual_seed(0)
-        G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
+        G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
         ewc = mergan_jtr.EWCState(G)
         mergan_jtr.train_task(0, G, D, env, args, ewc)
         theta1 = {k: v.clone() for k, v in ewc.get("theta_").items()}
@@ -288,7 +289,7 @@ def test_ewc_penalty_of_the_sequential_baseline_carries_eq_9s_half(synth_eval, m
                                   "--dim", "8", "--log-every", "100", "--ewc-lambda", "4",
                                   "--fisher-samples", "2"])
     torch.manual_seed(0)
-    G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
+    G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
     ewc = mergan_jtr.EWCState(G)
     with torch.no_grad():
         for k, p in G.named_parameters():
@@ -308,7 +309,7 @@ def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
     same log-likelihood and the same random draws."""
     import ewc_fewshot
     torch.manual_seed(0)
-    G, D = C.Generator(1, 10, 8), C.Critic(1, 10, 8)
+    G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
     classes = [0, 3]
 
     def log_likelihood(G, m):
@@ -340,7 +341,7 @@ def test_plain_step_gives_the_speed_branches_numbers(script):
     out = {}
     for plain in (False, True):
         torch.manual_seed(1)  # the same initial weights for both
-        G, D = C.mergan_networks("dcgan", 1, 10, 8, 32, fast=not plain,
+        G, D = M.mergan_networks("dcgan", 1, 10, 8, 32, fast=not plain,
                                  critic_classes=10 if script == "jtr" else None)
         opt_G, opt_D = (torch.optim.SGD(m.parameters(), lr=0.0) for m in (G, D))  # no move
         torch.manual_seed(2)  # the same noise and interpolation weights for both
@@ -486,8 +487,8 @@ def test_jt_learns_every_class_of_one_joint_task(data_root, tmp_path):
 
 # ---------------------------------------------------------------- the LSUN setting (Table 2)
 def test_resnet_networks_are_the_authors_lsun_nets():
-    G = C.ResNetGenerator(3, 4, dim=64, image_size=64)
-    D = C.ResNetCritic(3, 4, dim=64, image_size=64)
+    G = M.ResNetGenerator(3, 4, dim=64, image_size=64)
+    D = M.ResNetCritic(3, 4, dim=64, image_size=64)
     assert G.fc.in_features == 128 + 4 and G.fc.out_features == 4 * 4 * 512  # z + one-hot
     assert [b.conv2.out_channels for b in G.blocks] == [512, 256, 128, 64]
     assert G.out.out_channels == 3 and len(G.bn.scale) == 1  # shared BN scale/offset
@@ -496,7 +497,7 @@ def test_resnet_networks_are_the_authors_lsun_nets():
     assert isinstance(D.blocks[0].ln1, torch.nn.GroupNorm) and D.blocks[0].ln1.num_groups == 1
     assert D.critic.in_features == 512 * 16 and D.classifier.out_features == 4
     torch.manual_seed(0)
-    g, d = C.ResNetGenerator(3, 4, dim=4, image_size=16), C.ResNetCritic(3, 4, 4, 16)
+    g, d = M.ResNetGenerator(3, 4, dim=4, image_size=16), M.ResNetCritic(3, 4, 4, 16)
     z = torch.randn(8, 128)
     x = g(z, torch.zeros(8, dtype=torch.long))
     assert x.shape == (8, 3, 16, 16) and x.abs().max() <= 1
@@ -508,18 +509,18 @@ def test_resnet_networks_are_the_authors_lsun_nets():
 
 def test_lsun_loader_reads_lmdb_and_caches(lsun_root):
     x, y, names = C.load_dataset("lsun", lsun_root, train=True, image_size=16)
-    assert names == list(C.LSUN_CATEGORIES)
+    assert names == list(M.LSUN_CATEGORIES)
     assert x.shape == (24, 3, 16, 16) and x.dtype == torch.uint8
     assert torch.bincount(y).tolist() == [6, 6, 6, 6]
     tx, ty, _ = C.load_dataset("lsun", lsun_root, train=False, image_size=16)
     assert tx.shape == (12, 3, 16, 16) and torch.bincount(ty).tolist() == [3, 3, 3, 3]
     # the colour cast of category c is in channel c % 3
     assert x[y == 1][:, 1].float().mean() > x[y == 1][:, 0].float().mean()
-    x2, _, _ = C.load_lsun(lsun_root, True, 16, per_class=2)
+    x2, _, _ = M.load_lsun(lsun_root, True, 16, per_class=2)
     assert len(x2) == 8
     # the decoded tensors are cached: the databases are not needed again
     import shutil
-    for cat in C.LSUN_CATEGORIES:
+    for cat in M.LSUN_CATEGORIES:
         shutil.rmtree(os.path.join(lsun_root, f"{cat}_train_lmdb"))
     x3, y3, _ = C.load_dataset("lsun", lsun_root, train=True, image_size=16)
     assert torch.equal(x3, x) and torch.equal(y3, y)
@@ -614,7 +615,7 @@ def test_ra_keeps_the_classifier_head_as_the_authors_code():
     for flags in ([], ["--lambda-cls", "0"], ["--no-ra-classifier"]):
         args = mergan_ra.parse_args(["--dataset", "synth", "--dim", "8"] + flags)
         torch.manual_seed(1)
-        G, D = C.mergan_networks("dcgan", 1, 10, 8, 32,
+        G, D = M.mergan_networks("dcgan", 1, 10, 8, 32,
                                  critic_classes=10 if args.ra_classifier else None)
         assert (D.classifier is None) == (not args.ra_classifier)
         torch.manual_seed(2)
