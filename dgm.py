@@ -77,26 +77,31 @@ def parse_args(argv=None):
                    help="epochs per task (authors: 101 MNIST, 151 SVHN). Sets the default "
                         "--iters (epochs x batches in the task's training set) and the "
                         "annealing schedule of s, which rises epoch by epoch")
-    p.add_argument("--lr", type=C.positive, default=None, help="Adam learning rate of G and D, "
-                   "betas (0.5, 0.999) (authors: 2e-3 MNIST, 5e-4 SVHN)")
+    p.add_argument("--lr", type=C.positive, default=None,
+                   help="Adam learning rate of G and D, betas (0.5, 0.999) (authors: 2e-3 "
+                        "MNIST, 5e-4 SVHN)")
     p.add_argument("--s-max", type=C.positive, default=None, help="final slope of the mask "
                    "sigmoid (authors: 1e4 DGM-w, 1e5 DGM-a)")
-    p.add_argument("--lambda-ru", type=C.non_negative, default=None, help="weight of the sparsity "
-                   "regulariser R_t (authors: 0.08 MNIST DGM-w, 0.01 DGM-a, 0.001 SVHN)")
-    p.add_argument("--lambda-gp", type=C.non_negative, default=None, help="gradient-penalty weight "
-                   "(authors: 1.0 digits, 0.6 ImageNet)")
-    p.add_argument("--ngf", type=C.at_least(1), default=None, help="generator width before any "
-                   "growth: 4ngf, 2ngf, ngf channels (authors: 6 DGM-w, 20 DGM-a)")
-    p.add_argument("--ndf", type=C.at_least(1), default=None, help="discriminator width: ndf, 2ndf, "
-                   "4ndf channels (authors: 32 digits)")
-    p.add_argument("--nz", type=C.at_least(1), default=128, help="noise size; the label's one-hot "
-                   "is written into its first n_classes entries (authors)")
+    p.add_argument("--lambda-ru", type=C.non_negative, default=None,
+                   help="weight of the sparsity regulariser R_t (authors: 0.08 MNIST DGM-w, "
+                        "0.01 DGM-a, 0.001 SVHN)")
+    p.add_argument("--lambda-gp", type=C.non_negative, default=None,
+                   help="gradient-penalty weight (authors: 1.0 digits, 0.6 ImageNet)")
+    p.add_argument("--ngf", type=C.at_least(1), default=None,
+                   help="generator width before any growth: 4ngf, 2ngf, ngf channels (authors: "
+                        "6 DGM-w, 20 DGM-a)")
+    p.add_argument("--ndf", type=C.at_least(1), default=None,
+                   help="discriminator width: ndf, 2ndf, 4ndf channels (authors: 32 digits)")
+    p.add_argument("--nz", type=C.at_least(1), default=128,
+                   help="noise size; the label's one-hot is written into its first n_classes "
+                        "entries (authors)")
     p.add_argument("--replay", default="generated", choices=["generated", "none"],
                    help="generated: D's classifier also learns from G's replays of every "
                         "earlier class (DGM); none: only the current task (the forgetting "
                         "baseline)")
-    p.add_argument("--replay-size", type=C.at_least(1), default=None, help="replayed images per "
-                   "earlier class (default, authors: the current task's training-set size)")
+    p.add_argument("--replay-size", type=C.at_least(1), default=None,
+                   help="replayed images per earlier class (default, authors: the current "
+                        "task's training-set size)")
     p.add_argument("--d-norm", default="none", choices=["none", "batch"],
                    help="batch norm in D's 2nd and 3rd conv: none (default, WGAN-GP's advice) "
                         "or batch (the authors': running statistics follow every pass; see "
@@ -110,15 +115,16 @@ def parse_args(argv=None):
                         "authors' aux_G). Default: their per-config choice (digits: off; "
                         "folder, from their ImageNet run: on)")
     p.add_argument("--val-split", type=C.fraction, default=None,
-                   help="share of each class's training images held out for model "
-                        "selection (authors: 0.15 MNIST, 0.10 SVHN); A_t is reported at the "
-                        "best-validation check, beside the final model's. 0: no split, "
-                        "report the final model")
-    p.add_argument("--val-every", type=C.at_least(1), default=2, help="epochs between validation "
-                   "checks of the solver (authors: 2), and one at the end of each task")
+                   help="share of each class's training images held out for model selection "
+                        "(authors: 0.15 MNIST, 0.10 SVHN); A_t is reported at the "
+                        "best-validation check, beside the final model's. 0: no split, report "
+                        "the final model")
+    p.add_argument("--val-every", type=C.at_least(1), default=2,
+                   help="epochs between validation checks of the solver (authors: 2), and one "
+                        "at the end of each task")
     p.add_argument("--to-32px", default="resize", choices=["resize", "pad"],
-                   help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, "
-                        "the DGM authors') or pad (zero border, MeRGAN's)")
+                   help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, the "
+                        "DGM authors') or pad (zero border, MeRGAN's)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
     args = C.parse_run_args(p, argv, run_flags=("cuda_graphs",))
     if args.dataset == "folder" and args.image_size is None:
@@ -324,7 +330,7 @@ class DGMGenerator(nn.Module):
             c_in = c_out
         return torch.tanh(self.outs[t](h))
 
-    # --- size, checkpoints (the rebuilding itself: rebuild_structure, below) -----------
+    # --- size ---------------------------------------------------------------------------
     def size(self):
         shared = sum(w.numel() for w in self.weights)
         total = sum(p.numel() for p in self.parameters())
@@ -334,42 +340,32 @@ class DGMGenerator(nn.Module):
                 "free_fraction": 1 - sum(reserved) / sum(self.reserved(l).numel()
                                                           for l in range(len(self.widths)))}
 
-    def get_extra_state(self):  # saved with the weights: the structure to rebuild
-        return {"widths": list(self.widths), "caps": [list(c) for c in self.caps]}
-
-    def set_extra_state(self, state):
-        pass  # the structure was rebuilt in load_state_dict, before the tensors were loaded
-
-    def load_state_dict(self, state, strict=True):
-        """A grown network cannot take its state into the layers it started with: rebuild
-        the structure stored in the checkpoint first (`rebuild_structure`), then load."""
-        rebuild_structure(self, state["_extra_state"])
-        return super().load_state_dict(state, strict)
-
 
 # ------------------------------------------------------------------------------------------
 # Checkpoints of the growing generator
 # ------------------------------------------------------------------------------------------
-def rebuild_structure(G, structure):
-    """Checkpoint plumbing of the growing generator: give G the widths and the tasks
-    (`caps`) that a checkpoint was saved with, with empty tensors of those shapes, so that
-    `load_state_dict` can fill them in."""
+def rebuild_structure(G, state):
+    """Give G the structure that a checkpoint's state dict of a grown DGMGenerator has: its
+    widths (the shared weights' shapes) and its tasks (one output layer each, with the
+    widths of that time: the shapes of the task's embeddings), as tensors to be filled by
+    `G.load_state_dict(state)`. The shapes say everything: nothing else is saved."""
     dev = G.weights[0].device
-    G.caps, G.widths = [], list(structure["widths"])
-    ins = [G.nz] + G.widths[:-1]
-    for l, (i, o) in enumerate(zip(ins, G.widths)):
-        G.weights[l] = nn.Parameter(torch.empty(i, o, 4, 4, device=dev))
+    G.widths = [state[f"weights.{l}"].shape[1] for l in range(len(G.widths))]
+    for l, w in enumerate(G.widths):
+        G.weights[l] = nn.Parameter(torch.empty_like(state[f"weights.{l}"], device=dev))
         setattr(G, f"reserved_{l}", torch.zeros(G.mask_shape(l), device=dev))
-    G.emb = nn.ModuleList([nn.ParameterList() for _ in G.widths])
+    G.caps, G.emb = [], nn.ModuleList([nn.ParameterList() for _ in G.widths])
     G.bns, G.outs = nn.ModuleList(), nn.ModuleList()
-    for cap in structure["caps"]:  # re-open every task at the widths it had
-        for l in range(len(cap)):  # shapes of that time (weights are not touched)
-            i = G.nz if l == 0 else cap[l - 1]
-            shape = (i, cap[l], 4, 4) if G.variant == "w" else (cap[l],)
-            G.emb[l].append(nn.Parameter(torch.zeros(shape, device=dev)))
-        G.caps.append(list(cap))
+    while f"outs.{len(G.caps)}.weight" in state:  # re-open every task at its widths
+        t = len(G.caps)
+        emb = [state[f"emb.{l}.{t}"] for l in range(len(G.widths))]
+        cap = [e.shape[1] if G.variant == "w" else e.shape[0] for e in emb]
+        for l, e in enumerate(emb):
+            G.emb[l].append(nn.Parameter(torch.zeros(e.shape, device=dev)))
+        G.caps.append(cap)
         G.bns.append(nn.ModuleList([nn.BatchNorm2d(w) for w in cap]).to(dev))
         G.outs.append(nn.ConvTranspose2d(cap[-1], G.channels, 4, 2, 1, bias=False).to(dev))
+    return G
 
 
 # ------------------------------------------------------------------------------------------
@@ -687,6 +683,8 @@ def main(argv=None):
                      env.image_size).to(env.device)
     D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,
                 args.d_norm).to(env.device)
+    if env.ckpt is not None:  # a grown generator: its checkpoint's structure, then weights
+        rebuild_structure(G, env.ckpt["models"]["G"])
     generate = make_generate(G, env.tasks, env.n_classes, args.s_max, env.device)
     env.train, env.val = hold_out(env.train, args.val_split, args.seed)  # authors' split
     results = new_results()  # DGM's own metrics, filled by train_task, checkpointed

@@ -110,24 +110,27 @@ def parse_args(argv=None):
                    help="generator iterations of the source stage")
     t.add_argument("--source-ckpt", default=None, help="a source.pt written by an earlier "
                    "run (its run folder holds one): skip the source stage")
-    t.add_argument("--iters", type=C.at_least(1), default=1000, help="adaptation iterations per lambda")
+    t.add_argument("--iters", type=C.at_least(1), default=1000,
+                   help="adaptation iterations per lambda")
     t.add_argument("--ewc-lambda", default=None,
-                   help="comma-separated lambdas, each adapted from the same source (0 = "
-                        "plain fine-tuning, the baseline; default 0,1e3; the paper's 5e8 "
-                        "pins our DCGANs to the source, see docs)")
+                   help="comma-separated lambdas, each adapted from the same source (0 = plain "
+                        "fine-tuning, the baseline; default 0,1e3; the paper's 5e8 pins our "
+                        "DCGANs to the source, see docs)")
     t.add_argument("--fisher-samples", type=C.at_least(2), default=1000,
-                   help="generated images whose squared per-sample gradients are averaged "
-                        "into the Fisher information")
+                   help="generated images whose squared per-sample gradients are averaged into "
+                        "the Fisher information")
     t.add_argument("--lr", type=C.positive, default=2e-4,
                    help="Adam learning rate (2e-4, betas 0.5/0.999: the DCGAN setting)")
-    t.add_argument("--dim", type=C.at_least(1), default=64, help="network width (64 = DCGAN's ngf/ndf)")
-    t.add_argument("--nz", type=C.at_least(1), default=100, help="latent size of the DCGAN (100)")
+    t.add_argument("--dim", type=C.at_least(1), default=64,
+                   help="network width (64 = DCGAN's ngf/ndf)")
+    t.add_argument("--nz", type=C.at_least(1), default=100,
+                   help="latent size of the DCGAN (100)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--fd-samples", type=C.at_least(2), default=2000,
                    help="generated images for the Frechet distance to the full target set")
     e.add_argument("--diversity-samples", type=C.at_least(2), default=1000,
-                   help="generated images for the intra-cluster diversity (~1000 in the "
-                        "papers that measure it)")
+                   help="generated images for the intra-cluster diversity (~1000 in the papers "
+                        "that measure it)")
     e.add_argument("--diversity-cap", type=int, default=50,
                    help="at most this many random members of each cluster enter the "
                         "intra-cluster diversity (CDC's protocol: 50; 0 = every member)")
@@ -158,7 +161,7 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------
-# The DCGAN of the paper's Section 3.1 (Radford et al.), unconditional
+# The method, 1: the DCGAN of the paper's Section 3.1 (Radford et al.), unconditional
 # ------------------------------------------------------------------------------------------
 class DCGANGenerator(nn.Module):
     """z (nz x 1 x 1) -> ConvT 4x4 -> 4x4 x 8dim, then ConvT 4x4 stride 2 layers halving
@@ -228,8 +231,58 @@ def dcgan_init(module):
 
 
 # ------------------------------------------------------------------------------------------
-# The EWC pieces: Fisher information and the penalty
+# The method, 2: the source GAN (stage 1), with the non-saturating loss L_adv
 # ------------------------------------------------------------------------------------------
+def gan_step(G, D, opt_G, opt_D, real, nz, penalty=None):
+    """One D step and one G step of the non-saturating GAN (DCGAN's loss).
+    penalty(): lambda * sum F (theta - theta_S)^2, added to the generator's loss (adaptation
+    stage only). Returns detached losses (no host sync)."""
+    n = len(real)
+    fake = G(torch.randn(n, nz, device=real.device))
+    # D: maximise log D(x) + log(1 - D(G(z)))
+    d_loss = F.softplus(-D(real)).mean() + F.softplus(D(fake.detach())).mean()
+    opt_D.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_D.step()
+    # G: L_adv = -log D(G(z)), the non-saturating generator loss
+    D.requires_grad_(False)
+    adv = F.softplus(-D(fake)).mean()
+    pen = penalty() if penalty is not None else torch.zeros((), device=real.device)
+    loss = adv + pen                    # adaptation loss: L_adv + lambda sum F (theta-theta_S)^2
+    opt_G.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_G.step()
+    D.requires_grad_(True)
+    return d_loss.detach(), adv.detach(), pen.detach()
+
+
+def dcgan_adam(module, lr):
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+
+
+def train_source(G, D, data, args, device):
+    """Stage 1: an unconditional DCGAN on the whole source training set."""
+    opt_G, opt_D = dcgan_adam(G, args.lr), dcgan_adam(D, args.lr)
+    progress = C.Progress(args.source_iters, args.log_every, "[source] ")
+    for it in range(args.source_iters):
+        idx = torch.randint(len(data), (args.batch_size,), device=device)
+        d, adv, _ = gan_step(G, D, opt_G, opt_D, C.to_float(data[idx]), G.nz)
+        progress.update(it, {"d_loss": d, "g_adv": adv})
+
+
+# ------------------------------------------------------------------------------------------
+# The method, 3: the Fisher information of the source generator's weights (stage 2)
+# ------------------------------------------------------------------------------------------
+def source_log_likelihood(D):
+    """log L(x | theta) of the Fisher stage: the frozen source discriminator's
+    log-probability that a generated image is real, log D_S(G(z)) = -softplus(-logit).
+    D must be in eval() mode (spectral norm then keeps its buffers fixed)."""
+    def log_likelihood(G, m):
+        z = torch.randn(m, G.nz, device=next(G.parameters()).device)
+        return -F.softplus(-D(G(z)))
+    return log_likelihood
+
+
 def fisher_information(G, log_likelihood, n, batch=50):
     """Diagonal Fisher of G's parameters: F_i = mean over n generated samples of
     (d log L(x_j) / d theta_i)^2, with one backward pass PER SAMPLE (the square of a
@@ -253,21 +306,43 @@ def fisher_information(G, log_likelihood, n, batch=50):
     return {k: f / n for k, f in fisher.items()}
 
 
+# ------------------------------------------------------------------------------------------
+# The method, 4: adaptation, L_adv + lambda sum_i F_i (theta_i - theta_S,i)^2 (stage 3)
+# ------------------------------------------------------------------------------------------
 def ewc_penalty(G, fisher, anchor):
     """sum_i F_i (theta_i - theta_S,i)^2 over the generator's parameters (without lambda)."""
     return sum((fisher[k] * (p - anchor[k]).square()).sum() for k, p in G.named_parameters())
 
 
-@torch.no_grad()
-def weight_change_rate(G_source, G):
-    """The paper's Section 3.1 analysis: per layer, how far the adapted weights moved,
-    as ||theta - theta_S||_1 / ||theta_S||_1 over that layer's weights (in %)."""
-    src = dict(G_source.named_parameters())
-    out = {}
-    for k, p in G.named_parameters():
-        if k.endswith("weight") and p.dim() == 4:  # the conv layers, as in the paper
-            out[k] = 100.0 * float((p - src[k]).abs().sum() / src[k].abs().sum())
-    return out
+def adapt(G_source, D_source, shots, fisher, lam, args, z_snap, snapshots=8):
+    """Stage 3: fine-tune copies of the source G and D on the K shots for --iters steps,
+    the generator with lambda * sum_i F_i (theta_i - theta_S,i)^2 added; the discriminator
+    is fine-tuned unregularised, as in the paper. Returns the adapted G, a list of sample
+    grids of z_snap taken during adaptation (for the GIF) and the mean L_adv of the last
+    tenth of the iterations (the denominator of the penalty/adversarial balance)."""
+    G, D = copy.deepcopy(G_source).train(), copy.deepcopy(D_source).train()
+    anchor = {k: p.detach().clone() for k, p in G_source.named_parameters()}   # theta_S
+    opt_G, opt_D = dcgan_adam(G, args.lr), dcgan_adam(D, args.lr)
+
+    def penalty():  # the EWC term of the adaptation loss
+        return lam * ewc_penalty(G, fisher, anchor)
+
+    progress = C.Progress(args.iters, args.log_every, f"[adapt lambda={lam:g}] ")
+    every = max(1, args.iters // snapshots)
+    tail = max(1, args.iters // 10)
+    adv_tail = torch.zeros((), device=shots.device)   # summed on the device: no host sync
+    frames = []
+    for it in range(args.iters):
+        idx = torch.randint(len(shots), (args.batch_size,), device=shots.device)
+        d, adv, pen = gan_step(G, D, opt_G, opt_D, C.to_float(shots[idx]), G.nz,
+                               penalty if lam > 0 else None)
+        progress.update(it, {"d_loss": d, "g_adv": adv, "ewc_penalty": pen})
+        if it >= args.iters - tail:
+            adv_tail += adv
+        if (it + 1) % every == 0 or it + 1 == args.iters:
+            with torch.no_grad():
+                frames.append(G(z_snap).cpu())
+    return G, frames, float(adv_tail) / tail
 
 
 # ------------------------------------------------------------------------------------------
@@ -316,93 +391,114 @@ def pick_shots(x, k, seed):
 
 
 # ------------------------------------------------------------------------------------------
-# Training: the source stage and the adaptation stage share one GAN step
+# The run: the three stages, each checkpointed (--resume skips finished ones)
 # ------------------------------------------------------------------------------------------
-def gan_step(G, D, opt_G, opt_D, real, nz, penalty=None):
-    """One D step and one G step of the non-saturating GAN (DCGAN's loss).
-    penalty(): lambda * sum F (theta - theta_S)^2, added to the generator's loss (adaptation
-    stage only). Returns detached losses (no host sync)."""
-    n = len(real)
-    fake = G(torch.randn(n, nz, device=real.device))
-    # D: maximise log D(x) + log(1 - D(G(z)))
-    d_loss = F.softplus(-D(real)).mean() + F.softplus(D(fake.detach())).mean()
-    opt_D.zero_grad(set_to_none=True)
-    d_loss.backward()
-    opt_D.step()
-    # G: L_adv = -log D(G(z)), the non-saturating generator loss
-    D.requires_grad_(False)
-    adv = F.softplus(-D(fake)).mean()
-    pen = penalty() if penalty is not None else torch.zeros((), device=real.device)
-    loss = adv + pen                    # adaptation loss: L_adv + lambda sum F (theta-theta_S)^2
-    opt_G.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_G.step()
-    D.requires_grad_(True)
-    return d_loss.detach(), adv.detach(), pen.detach()
+def stage_source(G, D, args, state, out, device, channels, sx):
+    """Stage 1: the source GAN, loaded from --source-ckpt, resumed from this run's
+    source.pt, or trained on sx, the source domain's training images (then checkpointed)."""
+    src_path = os.path.join(out, "source.pt")
+    if args.source_ckpt:
+        src = C.load_checkpoint(args.source_ckpt)
+        try:
+            G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
+        except (KeyError, RuntimeError) as err:
+            raise C.UserError(f"--source-ckpt {args.source_ckpt} does not fit this run's "
+                              f"networks (dim {args.dim}, {channels} channels, "
+                              f"{args.image_size}px): {str(err).splitlines()[0]}")
+        print(f"source: loaded {args.source_ckpt}", flush=True)
+        if os.path.abspath(args.source_ckpt) != os.path.abspath(src_path):
+            C.atomic_save(src, src_path)
+    elif "source" in state.get("done", []):
+        src = C.load_checkpoint(src_path)
+        G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
+        print("source: resumed from the checkpoint", flush=True)
+    else:
+        print(f"source {args.source}: {len(sx)} images; training {args.source_iters} "
+              "iterations", flush=True)
+        t0 = time.time()
+        train_source(G, D, sx.to(device), args, device)
+        state["seconds"]["source"] = time.time() - t0
+        C.atomic_save({"G": G.state_dict(), "D": D.state_dict(), "args": vars(args)}, src_path)
+        state.setdefault("done", []).append("source")
+        C.save_checkpoint(out, state)
 
 
-def dcgan_adam(module, lr):
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+def stage_fisher(G, D, args, state, out, device):
+    """Stage 2: the Fisher information of the frozen source G, from the frozen source D
+    (computed once, then read from fisher.pt). Returns {parameter name: F}."""
+    fisher_path = os.path.join(out, "fisher.pt")
+    fisher = None
+    if "fisher" in state.get("done", []):
+        try:
+            fisher = C.load_checkpoint(fisher_path)["fisher"]
+        except (C.UserError, KeyError) as err:  # derived data: compute it again
+            print(f"fisher.pt unusable ({err}); computing the Fisher information again "
+                  "(new random draws: the numbers may differ slightly)", flush=True)
+            state["done"].remove("fisher")
+    if fisher is None:
+        t0 = time.time()
+        D.requires_grad_(False)
+        fisher = fisher_information(G, source_log_likelihood(D), args.fisher_samples)
+        D.requires_grad_(True)
+        state["seconds"]["fisher"] = time.time() - t0
+        C.atomic_save({"fisher": fisher}, fisher_path)
+        state.setdefault("done", []).append("fisher")
+        C.save_checkpoint(out, state)
+    fisher = {k: f.to(device) for k, f in fisher.items()}
+    flat = torch.cat([f.flatten() for f in fisher.values()])
+    state["fisher_stats"] = {"mean": float(flat.mean()), "max": float(flat.max()),
+                             "median": float(flat.median()), "sum": float(flat.sum()),
+                             "n_params": len(flat),
+                             # Section 3.1's companion: how much the source relies on each
+                             # conv layer (the layers of weight_change_rate)
+                             "per_layer_mean": {k: float(f.mean()) for k, f in fisher.items()
+                                                if f.dim() == 4}}
+    print(f"Fisher over {len(flat)} generator parameters from {args.fisher_samples} samples: "
+          f"mean {flat.mean():.3e}  median {flat.median():.3e}  max {flat.max():.3e}",
+          flush=True)
+    return fisher
 
 
-def train_source(G, D, data, args, device):
-    """Stage 1: an unconditional DCGAN on the whole source training set."""
-    opt_G, opt_D = dcgan_adam(G, args.lr), dcgan_adam(D, args.lr)
-    progress = C.Progress(args.source_iters, args.log_every, "[source] ")
-    for it in range(args.source_iters):
-        idx = torch.randint(len(data), (args.batch_size,), device=device)
-        d, adv, _ = gan_step(G, D, opt_G, opt_D, C.to_float(data[idx]), G.nz)
-        progress.update(it, {"d_loss": d, "g_adv": adv})
-
-
-def source_log_likelihood(D):
-    """log L(x | theta) of the Fisher stage: the frozen source discriminator's
-    log-probability that a generated image is real, log D_S(G(z)) = -softplus(-logit).
-    D must be in eval() mode (spectral norm then keeps its buffers fixed)."""
-    def log_likelihood(G, m):
-        z = torch.randn(m, G.nz, device=next(G.parameters()).device)
-        return -F.softplus(-D(G(z)))
-    return log_likelihood
-
-
-def adapt(G_source, D_source, shots, fisher, lam, args, z_snap, snapshots=8):
-    """Stage 3: fine-tune copies of the source G and D on the K shots for --iters steps,
-    the generator with lambda * sum_i F_i (theta_i - theta_S,i)^2 added; the discriminator
-    is fine-tuned unregularised, as in the paper. Returns the adapted G, a list of sample
-    grids of z_snap taken during adaptation (for the GIF) and the mean L_adv of the last
-    tenth of the iterations (the denominator of the penalty/adversarial balance)."""
-    G, D = copy.deepcopy(G_source).train(), copy.deepcopy(D_source).train()
-    anchor = {k: p.detach().clone() for k, p in G_source.named_parameters()}   # theta_S
-    opt_G, opt_D = dcgan_adam(G, args.lr), dcgan_adam(D, args.lr)
-
-    def penalty():  # the EWC term of the adaptation loss
-        return lam * ewc_penalty(G, fisher, anchor)
-
-    progress = C.Progress(args.iters, args.log_every, f"[adapt lambda={lam:g}] ")
-    every = max(1, args.iters // snapshots)
-    tail = max(1, args.iters // 10)
-    adv_tail = torch.zeros((), device=shots.device)   # summed on the device: no host sync
-    frames = []
-    for it in range(args.iters):
-        idx = torch.randint(len(shots), (args.batch_size,), device=shots.device)
-        d, adv, pen = gan_step(G, D, opt_G, opt_D, C.to_float(shots[idx]), G.nz,
-                               penalty if lam > 0 else None)
-        progress.update(it, {"d_loss": d, "g_adv": adv, "ewc_penalty": pen})
-        if it >= args.iters - tail:
-            adv_tail += adv
-        if (it + 1) % every == 0 or it + 1 == args.iters:
-            with torch.no_grad():
-                frames.append(G(z_snap).cpu())
-    return G, frames, float(adv_tail) / tail
+def stage_adapt(G, D, shots, fisher, lam, args, state, out, z_grid, measure):
+    """Stage 3 for one lambda: adapt copies of the source nets to the K shots (or take the
+    adapted G from the checkpoint), measure it (`measure`: measure_adapted) and checkpoint
+    both. Returns (G_adapted, frames)."""
+    key = f"{lam:g}"
+    torch.manual_seed(args.seed + 1)  # every lambda sees the same noise and batches
+    if key in state["adapted"]:
+        G_ad = copy.deepcopy(G)
+        G_ad.load_state_dict(state["adapted"][key])
+        print(f"adaptation lambda={key}: resumed from the checkpoint", flush=True)
+        return G_ad, list(state["frames"][key])
+    t0 = time.time()
+    G_ad, frames, adv = adapt(G, D, shots, fisher, lam, args, z_grid)
+    G_ad.eval()
+    state["results"][key] = dict(measure(G_ad, lam, adv), seconds=time.time() - t0)
+    state["adapted"][key] = G_ad.state_dict()
+    state.setdefault("frames", {})[key] = frames
+    C.save_checkpoint(out, state)
+    return G_ad, frames
 
 
 # ------------------------------------------------------------------------------------------
-# Evaluation: distance to the target, intra-cluster diversity
+# Measurement, apart from the method: the joint evaluator's distances and diversity
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample(G, n, device, batch=250):
     return torch.cat([G(torch.randn(min(batch, n - i), G.nz, device=device))
                       for i in range(0, n, batch)])
+
+
+@torch.no_grad()
+def weight_change_rate(G_source, G):
+    """The paper's Section 3.1 analysis: per layer, how far the adapted weights moved,
+    as ||theta - theta_S||_1 / ||theta_S||_1 over that layer's weights (in %)."""
+    src = dict(G_source.named_parameters())
+    out = {}
+    for k, p in G.named_parameters():
+        if k.endswith("weight") and p.dim() == 4:  # the conv layers, as in the paper
+            out[k] = 100.0 * float((p - src[k]).abs().sum() / src[k].abs().sum())
+    return out
 
 
 @torch.no_grad()
@@ -550,101 +646,37 @@ def evaluate(G, ev, args, device, inception=None):
     return res
 
 
-# ------------------------------------------------------------------------------------------
-# The few-shot run: three stages, each checkpointed (so that --resume skips finished ones)
-# ------------------------------------------------------------------------------------------
-def stage_source(G, D, args, state, out, device, channels, sx):
-    """Stage 1: the source GAN, loaded from --source-ckpt, resumed from this run's
-    source.pt, or trained on sx, the source domain's training images (then checkpointed)."""
-    src_path = os.path.join(out, "source.pt")
-    if args.source_ckpt:
-        src = C.load_checkpoint(args.source_ckpt)
-        try:
-            G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
-        except (KeyError, RuntimeError) as err:
-            raise C.UserError(f"--source-ckpt {args.source_ckpt} does not fit this run's "
-                              f"networks (dim {args.dim}, {channels} channels, "
-                              f"{args.image_size}px): {str(err).splitlines()[0]}")
-        print(f"source: loaded {args.source_ckpt}", flush=True)
-        if os.path.abspath(args.source_ckpt) != os.path.abspath(src_path):
-            C.atomic_save(src, src_path)
-    elif "source" in state.get("done", []):
-        src = C.load_checkpoint(src_path)
-        G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
-        print("source: resumed from the checkpoint", flush=True)
-    else:
-        print(f"source {args.source}: {len(sx)} images; training {args.source_iters} "
-              "iterations", flush=True)
-        t0 = time.time()
-        train_source(G, D, sx.to(device), args, device)
-        state["seconds"]["source"] = time.time() - t0
-        C.atomic_save({"G": G.state_dict(), "D": D.state_dict(), "args": vars(args)}, src_path)
-        state.setdefault("done", []).append("source")
-        C.save_checkpoint(out, state)
+def measurement_setup(args, source, target, shots, device):
+    """The joint evaluator, the features of the full target and source training sets and of
+    the shots (the diversity's cluster centres; None with --shots all), and with
+    --inception-fid the Inception features of the target. source/target: (train images,
+    labels, class names, test images, test labels). Returns (measure G, evaluator dict)."""
+    net, n_src, desc = joint_evaluator(args, source, target, device)
+    ev = {"net": net, "n_source_classes": n_src,
+          "target_feat": C.features(net, C.to_float(target[0].to(device))),
+          "source_feat": C.features(net, C.to_float(source[0].to(device))),
+          "shot_feat": (perceptual_features(net, C.to_float(shots))
+                        if args.shots is not None else None)}
+    inception = None
+    if args.inception_fid:
+        net_i = C.inception_net(device)
+        inception = (net_i, C.inception_features(net_i, C.to_float(target[0].to(device))))
+    print(f"evaluator: {desc['name']}; held-out class accuracy {desc['class_accuracy']:.1f}%, "
+          f"domain accuracy {desc['domain_accuracy']:.1f}%", flush=True)
+    return (lambda G: evaluate(G, ev, args, device, inception)), desc
 
 
-def stage_fisher(G, D, args, state, out, device):
-    """Stage 2: the Fisher information of the frozen source G, from the frozen source D
-    (computed once, then read from fisher.pt). Returns {parameter name: F}."""
-    fisher_path = os.path.join(out, "fisher.pt")
-    fisher = None
-    if "fisher" in state.get("done", []):
-        try:
-            fisher = C.load_checkpoint(fisher_path)["fisher"]
-        except (C.UserError, KeyError) as err:  # derived data: compute it again
-            print(f"fisher.pt unusable ({err}); computing the Fisher information again "
-                  "(new random draws: the numbers may differ slightly)", flush=True)
-            state["done"].remove("fisher")
-    if fisher is None:
-        t0 = time.time()
-        D.requires_grad_(False)
-        fisher = fisher_information(G, source_log_likelihood(D), args.fisher_samples)
-        D.requires_grad_(True)
-        state["seconds"]["fisher"] = time.time() - t0
-        C.atomic_save({"fisher": fisher}, fisher_path)
-        state.setdefault("done", []).append("fisher")
-        C.save_checkpoint(out, state)
-    fisher = {k: f.to(device) for k, f in fisher.items()}
-    flat = torch.cat([f.flatten() for f in fisher.values()])
-    state["fisher_stats"] = {"mean": float(flat.mean()), "max": float(flat.max()),
-                             "median": float(flat.median()), "sum": float(flat.sum()),
-                             "n_params": len(flat),
-                             # Section 3.1's companion: how much the source relies on each
-                             # conv layer (the layers of weight_change_rate)
-                             "per_layer_mean": {k: float(f.mean()) for k, f in fisher.items()
-                                                if f.dim() == 4}}
-    print(f"Fisher over {len(flat)} generator parameters from {args.fisher_samples} samples: "
-          f"mean {flat.mean():.3e}  median {flat.median():.3e}  max {flat.max():.3e}",
-          flush=True)
-    return fisher
-
-
-def stage_adapt(G, D, shots, fisher, lam, args, state, out, z_grid, evaluate_G):
-    """Stage 3 for one lambda: adapt copies of the source nets to the K shots (or take the
-    adapted G from the checkpoint), evaluate and checkpoint. Returns (G_adapted, frames)."""
-    key = f"{lam:g}"
-    torch.manual_seed(args.seed + 1)  # every lambda sees the same noise and batches
-    if key in state["adapted"]:
-        G_ad = copy.deepcopy(G)
-        G_ad.load_state_dict(state["adapted"][key])
-        print(f"adaptation lambda={key}: resumed from the checkpoint", flush=True)
-        return G_ad, list(state["frames"][key])
-    t0 = time.time()
-    G_ad, frames, adv = adapt(G, D, shots, fisher, lam, args, z_grid)
-    G_ad.eval()
+def measure_adapted(G_source, G, fisher, lam, adv, evaluate_G):
+    """Every measure of an adapted G: evaluate_G's, the per-layer weight change rate of
+    Section 3.1, the EWC penalty it ends with and its balance against L_adv."""
     with torch.no_grad():
-        pen = float(ewc_penalty(G_ad, fisher, dict(G.named_parameters())))
-    res = evaluate_G(G_ad)
-    res.update(weight_change_rate=weight_change_rate(G, G_ad), ewc_penalty=pen,
+        pen = float(ewc_penalty(G, fisher, dict(G_source.named_parameters())))
+    res = evaluate_G(G)
+    res.update(weight_change_rate=weight_change_rate(G_source, G), ewc_penalty=pen,
                lambda_times_penalty=lam * pen, g_adv_final=adv,
                # the scale-free balance of the two terms of the adaptation loss at the end
-               penalty_over_adv=lam * pen / adv if adv > 0 else float("nan"),
-               seconds=time.time() - t0)
-    state["results"][key] = res
-    state["adapted"][key] = G_ad.state_dict()
-    state.setdefault("frames", {})[key] = frames
-    C.save_checkpoint(out, state)
-    return G_ad, frames
+               penalty_over_adv=lam * pen / adv if adv > 0 else float("nan"))
+    return res
 
 
 def report(args, out, G, shots, z_grid, grids, gif_frames, state, ev_desc, n_target, n_source):
@@ -714,7 +746,8 @@ def main(argv=None):
                      "format": STATE_FORMAT}
     t_start = time.time()
 
-    # The target and its K shots. The run's channels and size follow the target.
+    # The target and its K shots (the run's channels and size follow the target), the
+    # source (read once: trained on, and measured against), the networks.
     tx, ty, tnames = load_domain(args.target, args.target_root, True, args.image_size, None,
                                  not args.no_download)
     size, channels = tx.shape[-1], tx.shape[1]
@@ -730,15 +763,12 @@ def main(argv=None):
     D = DCGANDiscriminator(channels, args.dim, size).to(device)
     dcgan_init(G)  # D initialises itself (spectral norm)
     z_grid = torch.randn(10, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)
-
-    # Stage 1: the source GAN.
-    # The source domain (read once: the source stage trains on it, the evaluation below
-    # measures against it, even when --source-ckpt skips the training).
     sx, sy, snames = load_domain(args.source, args.source_root, True, size, channels,
                                  not args.no_download)
+
+    # Stage 1: the source GAN. Frozen from here on (adaptation fine-tunes copies); eval():
+    # spectral norm stops its power iteration, so not even D's buffers change in stage 2.
     stage_source(G, D, args, state, out, device, channels, sx)
-    # Frozen from here on (adaptation fine-tunes copies). eval(): spectral norm stops its
-    # power iteration, so not even D's normalisation buffers change in the Fisher stage.
     G.eval(), D.eval()
     with torch.no_grad():
         imageio.imwrite(os.path.join(out, "source_samples.png"),
@@ -746,37 +776,21 @@ def main(argv=None):
     # Stage 2: the Fisher information from the frozen source discriminator.
     fisher = stage_fisher(G, D, args, state, out, device)
 
-    # Evaluation set-up: the joint source+target evaluator and the features of the full
-    # target and source sets (and of the shots, the cluster centres of the diversity).
-    stx, sty, _ = load_domain(args.source, args.source_root, False, size, channels,
-                              not args.no_download)
-    ttx, tty, _ = load_domain(args.target, args.target_root, False, size, channels,
-                              not args.no_download)
-    net, n_src, ev_desc = joint_evaluator(args, (sx, sy, snames, stx, sty),
-                                          (tx, ty, tnames, ttx, tty), device)
-    ev = {"net": net, "n_source_classes": n_src,
-          "target_feat": C.features(net, C.to_float(tx.to(device))),
-          "source_feat": C.features(net, C.to_float(sx.to(device))),
-          "shot_feat": (perceptual_features(net, C.to_float(shots))
-                        if args.shots is not None else None)}
-    inception = None
-    if args.inception_fid:
-        net_i = C.inception_net(device)
-        inception = (net_i, C.inception_features(net_i, C.to_float(tx.to(device))))
-    print(f"evaluator: {ev_desc['name']}; held-out class accuracy "
-          f"{ev_desc['class_accuracy']:.1f}%, domain accuracy "
-          f"{ev_desc['domain_accuracy']:.1f}%", flush=True)
-
-    def evaluate_G(G_eval):
-        return evaluate(G_eval, ev, args, device, inception)
+    # The measurement (apart from the method): the joint source+target evaluator.
+    test = [load_domain(name, root, False, size, channels, not args.no_download)
+            for name, root in ((args.source, args.source_root),
+                               (args.target, args.target_root))]
+    evaluate_G, ev_desc = measurement_setup(args, (sx, sy, snames, *test[0][:2]),
+                                            (tx, ty, tnames, *test[1][:2]), shots, device)
     if "source" not in state["results"]:
         state["results"]["source"] = evaluate_G(G)
 
     # Stage 3: adaptation, once per lambda, all from the same source, Fisher and shots.
     grids, gif_frames = {}, {}
     for lam in args.lambdas:
-        G_ad, gif_frames[f"{lam:g}"] = stage_adapt(G, D, shots, fisher, lam, args, state,
-                                                   out, z_grid, evaluate_G)
+        G_ad, gif_frames[f"{lam:g}"] = stage_adapt(
+            G, D, shots, fisher, lam, args, state, out, z_grid,
+            lambda G_ad, lam, adv: measure_adapted(G, G_ad, fisher, lam, adv, evaluate_G))
         with torch.no_grad():
             grids[f"{lam:g}"] = G_ad(z_grid).cpu()
         imageio.imwrite(os.path.join(out, f"samples_lambda{lam:g}.png"),
@@ -794,7 +808,7 @@ def main(argv=None):
     C.save_json(os.path.join(out, "metrics.json"), metrics)
     print(f"-> {out}/comparison.png (rows: {min(10, len(shots))} shots, source, "
           + ", ".join(f"lambda {lam:g}" for lam in args.lambdas)
-          + f"), adaptation.gif, metrics.json", flush=True)
+          + "), adaptation.gif, metrics.json", flush=True)
     return metrics
 
 

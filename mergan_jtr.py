@@ -52,45 +52,44 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
     p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "ewc", "jt", "cumulative"],
-                   help="jtr: joint training with replay (MeRGAN, Eqs. 10-11); sft: "
-                        "sequential fine-tuning (Eqs. 7-8); ewc: sequential fine-tuning with "
-                        "EWC on the generator (Eq. 9); jt: the paper's joint training, one "
-                        "task of every class of the run at once (authors' joint.py); "
-                        "cumulative: task by task on the real data of every class seen so "
-                        "far (not the paper's JT)")
+                   help="jtr: joint training with replay (MeRGAN, Eqs. 10-11); sft: sequential "
+                        "fine-tuning (Eqs. 7-8); ewc: sequential fine-tuning with EWC on the "
+                        "generator (Eq. 9); jt: the paper's joint training, one task of every "
+                        "class of the run at once (authors' joint.py); cumulative: task by "
+                        "task on the real data of every class seen so far (not the paper's JT)")
     p.add_argument("--lambda-cls", type=C.non_negative, default=1.0, help="weight of the AC "
                    "classification losses, Eqs. (3) and (6) (paper: 1)")
-    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0, help="gradient-penalty weight "
-                   "in Eq. (5) (paper: 10)")
-    p.add_argument("--critic-iters", type=C.at_least(1), default=5, help="critic steps per generator "
-                   "step (paper: 5)")
+    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
+                   help="gradient-penalty weight in Eq. (5) (paper: 10)")
+    p.add_argument("--critic-iters", type=C.at_least(1), default=5,
+                   help="critic steps per generator step (paper: 5)")
     p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
     p.add_argument("--jtr-weighting", default="per-class", choices=["per-class", "batch"],
                    help="--mode jtr: how the losses weigh the classes of the joined batch; "
                         "per-class (the authors' code): each class's mean, summed, so every "
-                        "earlier class weighs as much as the current one; batch: the mean "
-                        "over the joined batch (the current class about half of it)")
+                        "earlier class weighs as much as the current one; batch: the mean over "
+                        "the joined batch (the current class about half of it)")
     p.add_argument("--reduce-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="the authors' REDUCE_BATCH (default: on for the digit nets, off for "
-                        "the 64x64 LSUN nets, as they run): on, each earlier class gets "
-                        "batch // K replays; off, a whole batch each, and per-class JTR "
-                        "weighs the K earlier classes 1/K each")
+                        "the 64x64 LSUN nets, as they run): on, each earlier class gets batch "
+                        "// K replays; off, a whole batch each, and per-class JTR weighs the K "
+                        "earlier classes 1/K each")
     p.add_argument("--jt-eval", default="balanced", choices=["balanced", "single-class"],
                    help="--mode jt: how Acc's images and the grids are generated; balanced "
                         "(the authors' joint.py test): inside batches holding every class 10 "
-                        "times, normalised as one; single-class: batches of one class, as "
-                        "the other modes (batches JT's generator never trained on)")
-    p.add_argument("--ewc-lambda", type=C.non_negative, default=1e9, help="--mode ewc: lambda_EWC "
-                   "of Eq. (9) (paper: 1e9)")
-    p.add_argument("--fisher-samples", type=C.at_least(2), default=1000, help="--mode ewc: generated "
-                   "images whose squared per-sample gradients are averaged into the Fisher "
-                   "information after each task")
+                        "times, normalised as one; single-class: batches of one class, as the "
+                        "other modes (batches JT's generator never trained on)")
+    p.add_argument("--ewc-lambda", type=C.non_negative, default=1e9,
+                   help="--mode ewc: lambda_EWC of Eq. (9) (paper: 1e9)")
+    p.add_argument("--fisher-samples", type=C.at_least(2), default=1000,
+                   help="--mode ewc: generated images whose squared per-sample gradients are "
+                        "averaged into the Fisher information after each task")
     p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
                    help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
                         "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    p.add_argument("--dim", type=C.at_least(1), default=None, help="width of generator and critic "
-                   "(paper: 32 for dcgan, 64 for resnet)")
+    p.add_argument("--dim", type=C.at_least(1), default=None,
+                   help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
     p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
                    help="after the last task also report Table 2's Rev acc and the Frechet "
                         "distance of generated to real test images (default: on for lsun)")
@@ -139,22 +138,6 @@ def replay_batch(G_prev, prev_classes, batch_size, nz, device, reduce_batch=True
     # as_tensor: a label tensor already on the device is used as is (no copy per step)
     y = torch.as_tensor(prev_classes, device=device).repeat_interleave(per)
     return G_prev(torch.randn(len(y), nz, device=device), y), y
-
-
-def training_batch(train, task, prev, prev_y, G_prev, mode, batch_size, nz,
-                   reduce_batch=True):
-    """S'_t (Eq. 10): a real batch of the current task, joined by one batch of earlier
-    classes: replays from G_{t-1} (JTR), real images (--mode cumulative), or nothing (SFT,
-    Eqs. 7-8; and JT, whose one task holds every class).
-    prev: the earlier classes (a list); prev_y: the same as a tensor on the device."""
-    x, y = train.batch(batch_size, task)
-    if mode == "jtr" and prev:
-        xr, yr = replay_batch(G_prev, prev_y, batch_size, nz, x.device, reduce_batch)
-    elif mode == "cumulative" and prev:
-        xr, yr = train.batch(batch_size, prev)
-    else:
-        return x, y
-    return torch.cat([x, xr]), torch.cat([y, yr])
 
 
 def class_weights(n_cur, y_replay, earlier_scale=1.0):
@@ -274,35 +257,80 @@ def fisher_information(G, D, classes, n, lambda_cls, batch=50):
 
 
 # ------------------------------------------------------------------------------------------
+# What sets the modes apart, in one place
+# ------------------------------------------------------------------------------------------
+# Sequential fine-tuning (SFT, Eqs. 7-8): the plain conditional WGAN-GP on the current task.
+PLAIN = argparse.Namespace(real_batch=None, w=None, fake_labels=lambda y: y, bn_groups=None,
+                           penalty=None)
+
+
+def task_mode(t, G, env, args, ewc=None):
+    """How task t's iteration differs from SFT in each mode (PLAIN where it does not):
+
+      real_batch()    the critic's real minibatch: the current task's images (first
+                      args.batch_size rows), joined by replays of every earlier class from
+                      the frozen G_{t-1} (jtr: S'_t, Eq. 10) or by their real images
+                      (cumulative: the ideal replay, not the paper's JT);
+      w               jtr: the authors' per-class row weights of Eq. (11), else None;
+      fake_labels(y)  jt: fresh labels drawn uniformly over the task's classes, independent
+                      of the real ones (joint.py); else y, as mergan.py;
+      bn_groups       jt: G normalises each mixed batch as one (joint.py); else per class;
+      penalty()       ewc from the second task on: Eq. (9)'s regulariser."""
+    task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
+    n, dev = args.batch_size, env.device
+    mode = argparse.Namespace(**dict(vars(PLAIN), real_batch=lambda: env.train.batch(n, task)))
+    if args.mode == "jtr" and prev:
+        G_prev = copy.deepcopy(G).requires_grad_(False)  # G_{t-1}, a frozen copy (Eq. 10)
+        prev_y = torch.tensor(prev, dtype=torch.long, device=dev)  # once, not per step
+
+        def real_batch():  # S'_t (Eq. 10): real images of task t + replays from G_{t-1}
+            x, y = env.train.batch(n, task)
+            xr, yr = replay_batch(G_prev, prev_y, n, G.nz, dev, args.reduce_batch)
+            return torch.cat([x, xr]), torch.cat([y, yr])
+        mode.real_batch, mode.w = real_batch, jtr_weights(args, prev, dev)
+    elif args.mode == "cumulative" and prev:
+        def real_batch():  # real images of task t + real images of the earlier classes
+            x, y = env.train.batch(n, task)
+            xr, yr = env.train.batch(n, prev)
+            return torch.cat([x, xr]), torch.cat([y, yr])
+        mode.real_batch = real_batch
+    elif args.mode == "jt":  # the paper's JT: one task holding every class (joint.py)
+        task_y = torch.tensor(task, dtype=torch.long, device=dev)
+        mode.fake_labels = lambda y: uniform_labels(task_y, n)
+        mode.bn_groups = (torch.zeros(n, dtype=torch.long, device=dev), 1)
+    elif args.mode == "ewc" and t > 0:
+        fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
+        mode.penalty = lambda: ewc_term(G, args.ewc_lambda, fisher, anchor)
+    return mode
+
+
+# ------------------------------------------------------------------------------------------
 # One training iteration: critic steps, then a generator step
 # ------------------------------------------------------------------------------------------
-def critic_step(G, D, opt_D, x, y, n_cur, args, w=None, y_fake=None, bn_groups=None):
-    """One critic/classifier update on the (extended) real batch x, y.
+def critic_step(G, D, opt_D, x, y, n_cur, args, mode=PLAIN):
+    """One critic/classifier update on the real batch x, y (task_mode's real_batch).
 
-    The first n_cur rows of x are the current task's real images; the rest are replays
-    (JTR) or earlier classes' real images (--mode cumulative). Replays count as real data
-    for the critic and the classifier; the gradient penalty uses the current task's rows
-    only (authors). w: None (means over the batch) or JTR's per-class row weights
-    (`class_weights`). y_fake: the fakes' labels (default y, as in mergan.py; JT draws
-    its own, joint.py). bn_groups: (group ids, count) for G's batch norm (JT: the mixed
-    batch normalised as one); None: statistics per class."""
-    y_fake = y if y_fake is None else y_fake
+    The first n_cur rows are the current task's real images; replays (JTR) and earlier
+    classes' real images (cumulative) count as real data for the critic and the classifier;
+    the gradient penalty uses the current task's rows only (authors)."""
+    y_fake = mode.fake_labels(y)
     with torch.no_grad():  # the fake batch needs no graph in a critic step
         z = torch.randn(len(y_fake), G.nz, device=x.device)
-        fake = G(z, y_fake) if bn_groups is None else G(z, y_fake, *bn_groups)
+        fake = G(z, y_fake) if mode.bn_groups is None else G(z, y_fake, *mode.bn_groups)
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     s_real, s_fake = score[:len(y)], score[len(y):]
     # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
     # BRANCH (the digit critic by default): its input gradient written out, the same value
-    # at about two thirds of the cost (common.Critic.input_gradient, tested equal).
+    # at about two thirds of the cost (mergan_nets.Critic.input_gradient, tested equal).
     fast_grad = D.input_gradient if getattr(D, "fast", False) else None
     gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur], fast_grad)
-    if w is None:
+    if mode.w is None:
         loss_gan = s_fake.mean() - s_real.mean() + args.lambda_gp * gp  # Eq. (5): WGAN-GP
         loss_cls = F.cross_entropy(logits[:len(y)], y)                   # Eq. (6): AC, real
     else:  # Eq. (11): the same losses on S'_t, per-class means summed (authors)
-        loss_gan = weighted_mean(s_fake - s_real, w) + args.lambda_gp * gp
-        loss_cls = weighted_mean(F.cross_entropy(logits[:len(y)], y, reduction="none"), w)
+        loss_gan = weighted_mean(s_fake - s_real, mode.w) + args.lambda_gp * gp
+        loss_cls = weighted_mean(F.cross_entropy(logits[:len(y)], y, reduction="none"),
+                                 mode.w)
     loss = loss_gan + args.lambda_cls * loss_cls
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -310,23 +338,23 @@ def critic_step(G, D, opt_D, x, y, n_cur, args, w=None, y_fake=None, bn_groups=N
     return loss_gan.detach(), loss_cls.detach()
 
 
-def generator_step(G, D, opt_G, y, args, penalty=None, w=None, bn_groups=None):
-    """One generator update for labels y (current task + replayed classes); `penalty`:
-    --mode ewc's Eq. (9) term from the second task on, else None; w and bn_groups as in
-    critic_step."""
+def generator_step(G, D, opt_G, y, args, mode=PLAIN):
+    """One generator update for the labels y of the critic's last real batch (current task
+    + replayed classes; jt: its own fresh labels)."""
+    y = mode.fake_labels(y)
     D.requires_grad_(False)  # no weight gradients for D in the generator step
     z = torch.randn(len(y), G.nz, device=y.device)
-    score, logits = D(G(z, y) if bn_groups is None else G(z, y, *bn_groups))
-    if w is None:
+    score, logits = D(G(z, y) if mode.bn_groups is None else G(z, y, *mode.bn_groups))
+    if mode.w is None:
         loss_gan = -score.mean()                  # Eq. (2): WGAN generator loss
         loss_cls = F.cross_entropy(logits, y)     # Eq. (3): AC loss on generated images
     else:  # Eq. (11): per-class means summed (authors)
-        loss_gan = -weighted_mean(score, w)
-        loss_cls = weighted_mean(F.cross_entropy(logits, y, reduction="none"), w)
+        loss_gan = -weighted_mean(score, mode.w)
+        loss_cls = weighted_mean(F.cross_entropy(logits, y, reduction="none"), mode.w)
     loss = loss_gan + args.lambda_cls * loss_cls
     pen = torch.zeros((), device=y.device)
-    if penalty is not None:
-        pen = penalty()  # Eq. (9): (lambda_EWC / 2) sum_i F_{t-1,i} (theta_i - theta_{t-1,i})^2
+    if mode.penalty is not None:
+        pen = mode.penalty()  # Eq. (9): (lambda_EWC/2) sum_i F_{t-1,i} (theta_i - theta_{t-1,i})^2
         loss = loss + pen
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
@@ -339,32 +367,14 @@ def train_task(t, G, D, env, args, ewc=None):
     """Train task t. Adam's state is re-initialised at every task, as the authors do.
     --mode ewc: `ewc` (an EWCState) holds F_{t-1} and theta_{t-1}; after the task it is
     refilled with F_t and theta_t for the next."""
-    task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
     opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # paper
-    # Eq. (10): the frozen replay generator G_{t-1}, a copy taken before task t starts.
-    G_prev = copy.deepcopy(G).requires_grad_(False) if args.mode == "jtr" and prev else None
-    prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
-    w = jtr_weights(args, prev, env.device)  # JTR: the authors' per-class means, summed
-    joint = args.mode == "jt"  # the paper's JT: one task holding every class (joint.py)
-    task_y = torch.tensor(task, dtype=torch.long, device=env.device)
-    # JT's generator normalises each mixed batch as one (joint.py); the others per class
-    bn_groups = ((torch.zeros(args.batch_size, dtype=torch.long, device=env.device), 1)
-                 if joint else None)
-    penalty = None
-    if args.mode == "ewc" and t > 0:  # Eq. (9), from the second task on
-        fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
-        penalty = lambda: ewc_term(G, args.ewc_lambda, fisher, anchor)  # noqa: E731
+    mode = task_mode(t, G, env, args, ewc)  # what this mode changes (Eqs. 9-11, JT)
 
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
         for _ in range(args.critic_iters):
-            x, y = training_batch(env.train, task, prev, prev_y, G_prev, args.mode,
-                                  args.batch_size, G.nz, args.reduce_batch)
-            # JT (joint.py): a real batch mixing every class, fakes of uniform labels
-            y_fake = uniform_labels(task_y, args.batch_size) if joint else y
-            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args, w,
-                                       y_fake, bn_groups)
-        y_g = uniform_labels(task_y, args.batch_size) if joint else y
-        g_gan, g_cls, pen = generator_step(G, D, opt_G, y_g, args, penalty, w, bn_groups)
+            x, y = mode.real_batch()
+            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args, mode)
+        g_gan, g_cls, pen = generator_step(G, D, opt_G, y, args, mode)
         losses = {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
         return dict(losses, ewc_penalty=pen) if args.mode == "ewc" else losses
 

@@ -83,7 +83,7 @@ class CondBatchNorm2d(nn.Module):
 
 
 class Generator(nn.Module):
-    """MeRGAN's digit generator (DCGAN with conditional BN), docs/core.md "Networks".
+    """MeRGAN's digit generator (DCGAN with conditional BN), docs/mergan.md "The networks".
 
     z (nz=128) -> Linear -> 4x4 x 4dim -> cBN, ReLU -> [ConvT 5x5 s2, cBN, ReLU] ... ->
     ConvT 5x5 s2 -> tanh. dim=32 at 32x32 gives 128 -> 64 -> 32 -> channels, the authors'

@@ -37,33 +37,33 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
     p.add_argument("--lambda-ra", type=C.non_negative, default=None,
-                   help="weight of the replay alignment loss, with the authors' "
-                        "normalisation (1/2 sum of squares, / number of earlier classes "
-                        "with --reduce-batch); default 1e-3, 1e-2 on svhn and synth-color "
-                        "(the authors' train.sh)")
+                   help="weight of the replay alignment loss, with the authors' normalisation "
+                        "(1/2 sum of squares, / number of earlier classes with "
+                        "--reduce-batch); default 1e-3, 1e-2 on svhn and synth-color (the "
+                        "authors' train.sh)")
     p.add_argument("--ra-classifier", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the AC classifier head, as the authors' code does: D also "
-                        "learns CE on the current real images, G CE on its current fakes "
-                        "(Eqs. 3, 6; default); --no-ra-classifier: the critic alone, as "
-                        "the paper's text reads")
-    p.add_argument("--lambda-cls", type=C.non_negative, default=1.0, help="weight of the AC losses "
-                   "with --ra-classifier (authors: 1)")
+                   help="keep the AC classifier head, as the authors' code does: D also learns "
+                        "CE on the current real images, G CE on its current fakes (Eqs. 3, 6; "
+                        "default); --no-ra-classifier: the critic alone, as the paper's text "
+                        "reads")
+    p.add_argument("--lambda-cls", type=C.non_negative, default=1.0,
+                   help="weight of the AC losses with --ra-classifier (authors: 1)")
     p.add_argument("--reduce-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="the authors' REDUCE_BATCH (default: on for the digit nets, off for "
-                        "the 64x64 LSUN nets, as they run): on, batch // K aligned samples "
-                        "per earlier class and the alignment divided by K; off, a whole "
-                        "batch per earlier class, not divided")
-    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0, help="gradient-penalty weight "
-                   "in Eq. (5) (paper: 10)")
-    p.add_argument("--critic-iters", type=C.at_least(1), default=5, help="critic steps per generator "
-                   "step (paper: 5)")
+                        "the 64x64 LSUN nets, as they run): on, batch // K aligned samples per "
+                        "earlier class and the alignment divided by K; off, a whole batch per "
+                        "earlier class, not divided")
+    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
+                   help="gradient-penalty weight in Eq. (5) (paper: 10)")
+    p.add_argument("--critic-iters", type=C.at_least(1), default=5,
+                   help="critic steps per generator step (paper: 5)")
     p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
     p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
                    help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
                         "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    p.add_argument("--dim", type=C.at_least(1), default=None, help="width of generator and critic "
-                   "(paper: 32 for dcgan, 64 for resnet)")
+    p.add_argument("--dim", type=C.at_least(1), default=None,
+                   help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
     p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
                    help="after the last task also report Table 2's Rev acc and the Frechet "
                         "distance of generated to real test images (default: on for lsun)")

@@ -82,11 +82,17 @@ def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
 
 
 # ---------------------------------------------------------------- JTR minibatches
-def test_jtr_minibatch_holds_replays_of_every_earlier_class():
+def _mode(mode, t=3, G=None):
+    """task_mode of task t of tasks [0], [1], [2], [3] on synth digits."""
     x, y = C.make_synth(20, seed=0)
-    train = C.TaskData(x, y, torch.device("cpu"))
-    xb, yb = mergan_jtr.training_batch(train, [3], [0, 1, 2], torch.tensor([0, 1, 2]),
-                                         LabelPainter(), "jtr", 64, 4)
+    env = argparse.Namespace(train=C.TaskData(x, y, torch.device("cpu")),
+                             tasks=[[0], [1], [2], [3]], device=torch.device("cpu"))
+    args = mergan_jtr.parse_args(["--dataset", "synth", "--mode", mode])
+    return mergan_jtr.task_mode(t, G or LabelPainter(), env, args)
+
+
+def test_jtr_minibatch_holds_replays_of_every_earlier_class():
+    xb, yb = _mode("jtr").real_batch()
     assert len(yb) == 64 + 63
     assert (yb[:64] == 3).all()                                   # the current class
     assert torch.bincount(yb[64:]).tolist() == [21, 21, 21]       # every earlier class
@@ -95,13 +101,14 @@ def test_jtr_minibatch_holds_replays_of_every_earlier_class():
 
 
 def test_sft_and_cumulative_minibatches():
-    x, y = C.make_synth(20, seed=0)
-    train = C.TaskData(x, y, torch.device("cpu"))
-    _, y_sft = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "sft", 64, 4)
+    _, y_sft = _mode("sft").real_batch()
     assert (y_sft == 3).all() and len(y_sft) == 64
-    _, y_cum = mergan_jtr.training_batch(train, [3], [0, 1, 2], None, None, "cumulative",
-                                         64, 4)
+    _, y_cum = _mode("cumulative").real_batch()
     assert (y_cum[:64] == 3).all() and set(y_cum[64:].tolist()) <= {0, 1, 2}
+    assert torch.equal(_mode("jtr", t=0).real_batch()[1], torch.full((64,), 0))  # no replay
+    for name in ("sft", "cumulative", "ewc"):  # what only jtr, jt and ewc (t > 0) change
+        m = _mode(name, t=0)
+        assert m.w is None and m.bn_groups is None and m.penalty is None
 
 
 def test_jt_is_one_task_of_every_class_with_uniform_fakes_normalised_as_one_batch():
