@@ -1,13 +1,7 @@
-"""What every script stands on; no paper's algorithm lives here (docs/core.md says why).
-
-  1. errors, command line, device, seeds (`UserError`, `cli`, `Parser`, `parse_run_args`)
-  2. datasets                             (`load_dataset`, `make_synth`, `TaskData`)
-  3. WGAN-GP, generation, CUDA graphs     (`gradient_penalty`, `GraphedStep`)
-  4. metrics                              (evaluator, Acc, accuracy matrix, Frechet distance)
-  5. run outputs                          (run folder, checkpoints, grids, progress, `TaskRun`)
-
-Images are float tensors in [-1, 1], NCHW; datasets are held as uint8 tensors on the compute
-device and converted per minibatch; labels keep the dataset's own class ids.
+"""What every script stands on, in five sections (docs/core.md): errors and the command
+line, datasets, WGAN-GP and CUDA graphs, metrics, run outputs. No paper's algorithm lives
+here. Images are float tensors in [-1, 1], NCHW; datasets are held as uint8 tensors on the
+compute device and converted per minibatch; labels keep the dataset's own class ids.
 """
 import argparse
 import json
@@ -47,13 +41,12 @@ def cli(main, argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        if RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT)):
-            msg = (f"interrupted: the last finished task or stage is checkpointed in "
-                   f"{RUN_FOLDER}; rerun with --resume --out {RUN_FOLDER}")
-        else:
-            msg = ("interrupted before the first checkpoint: nothing to resume"
-                   + (f" ({RUN_FOLDER} holds no checkpoint)" if RUN_FOLDER else ""))
-        print("\n" + msg, file=sys.stderr)
+        saved = RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT))
+        print("\n" + (f"interrupted: the last finished task or stage is checkpointed in "
+                      f"{RUN_FOLDER}; rerun with --resume --out {RUN_FOLDER}" if saved else
+                      "interrupted before the first checkpoint: nothing to resume"
+                      + (f" ({RUN_FOLDER} holds no checkpoint)" if RUN_FOLDER else "")),
+              file=sys.stderr)
         sys.exit(130)
 
 
@@ -95,8 +88,7 @@ PER_CALL = ("resume", "max_tasks")  # belong to one call: never taken from args.
 
 def parse_run_args(parser, argv=None, run_flags=()):
     """parser.parse_args(argv); with --resume, the experiment's flags come from the run's
-    args.json. A flag given again must keep its value, unless it says where or how the run
-    goes on (RUN_FLAGS, plus the script's own `run_flags`)."""
+    args.json: a flag given again keeps its value unless it is in RUN_FLAGS or `run_flags`."""
     args = parser.parse_args(argv)
     if not getattr(args, "resume", False):
         return args
@@ -146,11 +138,9 @@ def seed_everything(seed):
 
 def rng_state():
     """Every random generator's state, so that a resumed run continues bit for bit."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state):  # rng_state's inverse
@@ -166,35 +156,31 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-root", default="./data",
-                   help="where datasets are read from / downloaded to (for `folder`: the "
-                        "image folder itself, one sub-folder per class)")
+                   help="where datasets are read or downloaded (`folder`: the image folder)")
     g.add_argument("--no-download", action="store_true",
                    help="never try the network; fail with a clear message if data is missing")
     g.add_argument("--image-size", type=at_least(4), default=None,
-                   help="side of the square images (default: 32 for digits/synth/cifar10, "
-                        "64 for folder and lsun)")
-    g.add_argument("--out", default=None,
-                   help="run folder (default: runs/<script>-<dataset>-s<seed>-<time>)")
+                   help="side of the square images (default: 32; folder and lsun: 64)")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<script>-<dataset>"
+                   "-s<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
     g.add_argument("--iters", type=at_least(1), default=iters,
                    help="generator iterations per task")
     g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="minibatch size")
     g.add_argument("--classes", default=None,
-                   help="comma-separated classes in task order, e.g. 0,1,2 (default: all, "
-                        "in order 0..n-1)")
+                   help="classes in task order, e.g. 0,1,2 (default: all, 0..n-1)")
     g.add_argument("--classes-per-task", type=at_least(1), default=1, help="classes per task")
     g.add_argument("--evaluator", default="ours", choices=["ours", "authors"],
-                   help="the classifier that judges generated images (Acc): ours (3 conv "
-                        "blocks) or authors (MeRGAN's architectures: an MLP 1024-512-256-128 "
-                        "for grey images, their 7-conv net for RGB; docs/core.md)")
+                   help="the classifier behind Acc: ours (3 conv blocks) or the MeRGAN "
+                        "authors' (an MLP for grey images, a 7-conv net for RGB; docs/core.md)")
     g.add_argument("--eval-samples", type=at_least(1), default=eval_samples,
                    help="generated samples per class for Acc (paper: 6400 = 100 x 64)")
     g.add_argument("--log-every", type=at_least(1), default=100,
                    help="a progress line every this many iterations")
     g.add_argument("--max-tasks", type=at_least(1), default=None,
-                   help="stop after training this many tasks in this call (the run stays "
-                        "resumable with --resume), e.g. to fit a time-limited job")
+                   help="stop after this many tasks in this call (resumable with --resume), "
+                        "e.g. to fit a time-limited job")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last finished task, "
                         "with the flags it was started with (args.json)")
@@ -329,9 +315,8 @@ def open_rgb(path):
 
 
 def load_folder(root, train, size):
-    """torchvision's ImageFolder (one sub-folder per class) as uint8 tensors: train/ and
-    test/ sub-folders are the splits (classes matched by name); without them every 10th
-    image of a class is held out (classes under 10 images are used in both)."""
+    """torchvision's ImageFolder (a sub-folder per class) as uint8 tensors; train/ and test/
+    are the splits (classes matched by name), else every 10th image of a class is held out."""
     from torchvision.datasets import ImageFolder
     import torchvision.transforms as T
     has_splits = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
@@ -355,10 +340,8 @@ def load_folder(root, train, size):
         keep = torch.ones(len(y), dtype=torch.bool)
         for c in y.unique():
             idx = (y == c).nonzero().flatten()
-            if len(idx) >= 10:
-                test = torch.zeros(len(idx), dtype=torch.bool)
-                test[::10] = True
-                keep[idx] = ~test if train else test
+            if len(idx) >= 10:  # every 10th image of the class is a test image
+                keep[idx] = (torch.arange(len(idx)) % 10 != 0) == train
         x, y = x[keep], y[keep]
     return x, y, list(ds.classes)
 
@@ -403,7 +386,8 @@ def make_synth(n_per_class, seed, color=False):
     else:
         bg = torch.rand(n, 3, 1, 1, generator=g)
         fg = torch.rand(n, 3, 1, 1, generator=g)
-        lum = lambda c: (0.299 * c[:, 0] + 0.587 * c[:, 1] + 0.114 * c[:, 2]).view(n, 1, 1, 1)  # noqa: E731,E501
+        lum = lambda c: (0.299 * c[:, 0] + 0.587 * c[:, 1]  # noqa: E731
+                         + 0.114 * c[:, 2]).view(n, 1, 1, 1)
         too_close = (lum(fg) - lum(bg)).abs() < 0.4
         fg = torch.where(too_close, 1.0 - bg, fg)  # keep the digit readable
         img = bg * (1 - mask) + fg * mask + 0.06 * torch.randn(n, 3, 32, 32, generator=g)
@@ -411,8 +395,8 @@ def make_synth(n_per_class, seed, color=False):
 
 
 class TaskData:
-    """A dataset held on the compute device as uint8; minibatches are sampled there.
-    `batch(n, classes)`: n images of the given classes, drawn with replacement, in [-1, 1]."""
+    """A dataset held on the device as uint8; `batch(n, classes)` draws n images of the given
+    classes there, with replacement, in [-1, 1]."""
 
     def __init__(self, x, y, device):
         self.x, self.y, self.device = x.to(device), y.to(device), device
@@ -421,10 +405,7 @@ class TaskData:
     def indices(self, classes):
         key = tuple(sorted(classes))
         if key not in self._index:
-            mask = torch.zeros_like(self.y, dtype=torch.bool)
-            for c in key:
-                mask |= self.y == c
-            idx = mask.nonzero().flatten()
+            idx = torch.isin(self.y, torch.tensor(key, device=self.y.device)).nonzero().flatten()
             if len(idx) == 0:
                 raise UserError(f"the dataset has no images of classes {list(key)}")
             self._index[key] = idx
@@ -439,6 +420,8 @@ class TaskData:
         """All images (float, [-1, 1]) and labels of the given classes."""
         idx = self.indices(classes)
         return to_float(self.x[idx]), self.y[idx]
+
+
 # -- 3. WGAN-GP, generation, one training iteration on a GPU -------------------------------
 def gradient_penalty(critic_fn, real, fake, input_gradient=None):
     """WGAN-GP (Gulrajani et al. 2017; MeRGAN Eq. 5, last term, without lambda):
@@ -457,16 +440,12 @@ def gradient_penalty(critic_fn, real, fake, input_gradient=None):
 
 
 @torch.no_grad()
-def generate_class(generate, c, n, nz, device, batch=64, z=None):
+def generate_class(generate, c, n, nz, device, batch=64):
     """n images of class c from `generate(z, y)`, in single-class batches (the authors'
     protocol: their batch-statistics BN sees one class per batch)."""
-    out = []
-    for i in range(0, n, batch):
-        m = min(batch, n - i)
-        zi = z[i:i + m] if z is not None else torch.randn(m, nz, device=device)
-        out.append(generate(zi, torch.full((m,), c, dtype=torch.long, device=device)))
-    return torch.cat(out)
-
+    return torch.cat([generate(torch.randn(m, nz, device=device),
+                               torch.full((m,), c, dtype=torch.long, device=device))
+                      for m in [min(batch, n - i) for i in range(0, n, batch)]])
 
 
 # Speed on a GPU: one training iteration recorded in a CUDA graph and replayed
@@ -489,14 +468,11 @@ def adam(module, lr, betas, device):
 
 
 class GraphedStep:
-    """One whole training iteration, `step()` (no arguments, losses returned as tensors),
-    run as written (enabled=False: the plain eager loop) or, on CUDA, recorded once into a
-    CUDA graph and replayed: one launch instead of hundreds of kernels, the same arithmetic
-    and random numbers (tests/test_cuda.py compares). The first `warmup` calls run eagerly on
-    a side stream (handles and Adam's state get created), the next records and replays.
-    Replayed losses are overwritten by the next replay: read them before it. Build a new
-    GraphedStep whenever the Python side of the step changes (new task, optimisers, frozen
-    generator). A failed recording stops the run with one line naming --no-cuda-graphs."""
+    """One training iteration `step()` (no arguments, losses returned as tensors) run as
+    written (enabled=False: the eager loop) or, on CUDA, recorded once into a CUDA graph and
+    replayed: the same arithmetic and random numbers, one launch instead of hundreds. The
+    first `warmup` calls run eagerly on a side stream; the returned losses are overwritten by
+    the next replay. Build a new one whenever the step's Python side changes (a new task)."""
 
     def __init__(self, step, enabled, warmup=3):
         self.step, self.enabled, self.warmup = step, enabled, warmup
@@ -518,10 +494,9 @@ class GraphedStep:
             try:
                 with torch.cuda.graph(graph):
                     out = self.step()
-            except Exception as err:  # e.g. an operation that waits for the host: stop
-                # cleanly, Python state may be half-way through the iteration
+            except Exception as err:  # e.g. an op that waits for the host: stop cleanly
                 cause = err.__context__ or err
-                why = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                why = (str(cause).strip().splitlines() or [""])[0]
                 raise UserError(f"CUDA graph recording of the training iteration failed "
                                 f"({type(cause).__name__}: {why}); rerun with "
                                 "--no-cuda-graphs (with --resume to continue after the last "
@@ -533,8 +508,8 @@ class GraphedStep:
 
 # -- 4. Metrics ----------------------------------------------------------------------------
 def make_classifier(arch, channels, n_classes, width=32):
-    """A classifier as body (its features: the penultimate layer) then head (the logits).
-    ours: 3 conv blocks and a 8*width-d feature layer (the evaluator of every script).
+    """A classifier as body (its features, the penultimate layer) then head (the logits).
+    ours: 3 conv blocks and a 8*width-d feature layer, the evaluator of every script.
     authors (--evaluator authors): MeRGAN's own, for grey images its MNIST MLP (the 32x32
     image flattened, 1024-512-256-128, pretrain/mnist_test.py), for colour ones its SVHN
     net (3x3 convs 32-32 | pool | 64-64 | pool | 128-128-128 | pool, then 512-128,
@@ -568,9 +543,8 @@ def make_classifier(arch, channels, n_classes, width=32):
 
 def train_classifier(x, y, n_classes, device, steps=1500, width=32, batch=128, lr=1e-3,
                      seed=0, log=None, arch="ours"):
-    """A classifier (make_classifier) trained on float images x in [-1, 1] with labels y,
-    with random +-2 pixel shifts as light augmentation: the evaluator, and reverse accuracy.
-    Seeded by `seed`; every random generator of the caller (CPU and CUDA) is left as found."""
+    """make_classifier trained on float images x in [-1, 1], labels y, +-2 pixel shifts as
+    augmentation; seeded by `seed`, leaving the caller's generators (CPU, CUDA) as found."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cuda = list(range(torch.cuda.device_count()))
     with torch.random.fork_rng(devices=cuda):
@@ -621,11 +595,10 @@ def classifier_budget(dataset, n):
 
 
 def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
-    """The evaluator classifier of the real training set, trained once and cached in a file
-    named by what it was trained on: <data-root>/evaluators/<dataset>-<size>px<prep>-n<images>
-    [-authors]-v<version>.pt (`folder`: in <folder>-evaluators/ beside it, never inside).
-    `prep`: how the images were prepared, when a dataset has two ways (e.g. "-resize").
-    A cache whose recorded key differs is retrained. Returns (model, real test accuracy %)."""
+    """(evaluator, its real test accuracy %): trained once on the real training set, cached
+    in a file named by what it learned from, <data-root>/evaluators/<dataset>-<size>px<prep>
+    -n<images>[-authors]-v<version>.pt (`folder`: in <folder>-evaluators/, beside it); prep:
+    e.g. "-resize" for resized digits. A cache whose recorded key differs is retrained."""
     name, folder = args.dataset, os.path.join(args.data_root, "evaluators")
     if args.dataset == "folder":
         root = os.path.abspath(args.data_root)
@@ -633,7 +606,7 @@ def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
     arch = getattr(args, "evaluator", "ours")
     width, steps = classifier_budget(args.dataset, len(train.y))
     path = os.path.join(folder, f"{name}-{train.x.shape[-1]}px{prep}-n{len(train.y)}"
-                                f"{'-authors' if arch == 'authors' else ''}-v{EVALUATOR_VERSION}.pt")
+                        + ("-authors" if arch == "authors" else "") + f"-v{EVALUATOR_VERSION}.pt")
     key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y), "prep": prep,
            "n_classes": n_classes, "version": EVALUATOR_VERSION, "width": width,
            "steps": steps, "arch": arch}
@@ -709,9 +682,10 @@ def frechet_from_stats(mu1, s1, mu2, s2):
     return float(d2.clamp(min=0))
 
 
-def inception_net(device):
-    """torchvision's Inception-v3 as a 2048-d feature net (downloaded once; offline a
-    UserError). Not the TF-FID Inception: comparable among themselves, not to papers'."""
+def inception_features(device):
+    """f(x): torchvision's Inception-v3 2048-d pool features of images in [-1, 1] (1 or 3
+    channels, any size), for Inception FID. The weights are downloaded once (offline: a
+    UserError); not the TF-FID Inception: comparable among themselves, not to papers'."""
     from torchvision.models import Inception_V3_Weights, inception_v3
     try:
         net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1, aux_logits=True)
@@ -720,18 +694,17 @@ def inception_net(device):
                         f"not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}); "
                         "use the evaluator-feature Frechet distance offline")
     net.fc = nn.Identity()
-    return net.eval().to(device)
+    net = net.eval().to(device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
-
-@torch.no_grad()
-def inception_features(net, x, batch=100):
-    """Features of images in [-1, 1] (1 or 3 channels, any size) for Inception FID."""
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-    grey_to_rgb = (lambda b: b.expand(-1, 3, -1, -1)) if x.shape[1] == 1 else (lambda b: b)
-    return torch.cat([net((F.interpolate(grey_to_rgb((x[i:i + batch] + 1) / 2), (299, 299),
-                                         mode="bilinear", align_corners=False) - mean) / std)
-                      for i in range(0, len(x), batch)])
+    @torch.no_grad()
+    def f(x, batch=100):
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        return torch.cat([net((F.interpolate((x[i:i + batch] + 1) / 2, (299, 299),
+                                             mode="bilinear", align_corners=False) - mean) / std)
+                          for i in range(0, len(x), batch)])
+    return f
 
 
 # -- 5. Run outputs: folder, checkpoints, grids, progress, the task loop's bookkeeping -----
@@ -740,9 +713,8 @@ CHECKPOINT = "checkpoint.pt"
 
 def prepare_run(args, script):
     """The run folder: with --resume the one in --out (its checkpoint returned), else a new
-    one, never written over: the default name is unique (created atomically, suffixed when
-    two runs start in one second), and an --out holding anything but a stopped run's
-    args.json is refused. Writes args.json. Returns (folder, checkpoint dict or None)."""
+    one, never written over: the default name is created atomically (suffixed when taken);
+    an --out holding more than a stopped run's args.json is refused. Writes args.json."""
     global RUN_FOLDER, RUN_SCRIPT
     ckpt = None
     if args.out is None:  # a new folder of its own, even for runs started in one second
@@ -810,18 +782,19 @@ def save_checkpoint(out, state):
     atomic_save(dict(state, rng=rng_state(), script=RUN_SCRIPT), os.path.join(out, CHECKPOINT))
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path):
     """A checkpoint dictionary; a missing or unreadable file is one clear UserError."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(ckpt, dict):
             raise ValueError("not a checkpoint dictionary")
         return ckpt
     except Exception as err:
-        raise UserError(f"checkpoint {path} is corrupt or unreadable "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})")
+        why = str(err).splitlines()[0][:80] if str(err) else ""
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: "
+                        f"{why})")
 
 
 def image_grid(x, nrow):
@@ -834,9 +807,8 @@ def image_grid(x, nrow):
 
 @torch.no_grad()
 def class_grid(generate, all_classes, seen, z, path):
-    """A grid with one row per class of the run from the fixed noise z (one single-class
-    batch per row); rows of classes not yet seen stay blank, so that every task's grid has
-    the same size and they animate into a GIF. Returns the array."""
+    """A grid, one row per class of the run from the fixed noise z (one single-class batch
+    each); rows of classes not yet seen stay blank, so every task's grid animates in a GIF."""
     rows = {c: generate(z, torch.full((len(z),), c, dtype=torch.long, device=z.device)).cpu()
             for c in all_classes if c in seen}
     shape = next(iter(rows.values())).shape
@@ -856,15 +828,13 @@ class Progress:
     reads the loss tensors (one host sync) only when it prints: no `.item()` in the loop."""
 
     def __init__(self, total, every, prefix=""):
-        self.total, self.every, self.prefix = total, max(1, every), prefix
-        self.t0 = time.time()
+        self.total, self.every, self.prefix, self.t0 = total, max(1, every), prefix, time.time()
 
     def update(self, it, losses):
         done = it + 1
         if done % self.every and done != self.total:
             return
-        dt = time.time() - self.t0
-        rate = done / max(dt, 1e-9)
+        rate = done / max(time.time() - self.t0, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
         values = {k: float(v) for k, v in losses.items()}  # the one host sync
         parts = "  ".join(f"{k} {v:+.4f}" for k, v in values.items())
@@ -941,10 +911,10 @@ class TaskRun:
             print(f"resuming after task {self.start}/{len(env.tasks)} from {env.out}",
                   flush=True)
         self.all_classes = [c for task in env.tasks for c in task]
-        self.z_grid = torch.randn(10, nz, generator=torch.Generator().manual_seed(1234))
-        self.z_grid = self.z_grid.to(env.device)
-        T = len(env.tasks)
-        self.stop = T if args.max_tasks is None else min(T, self.start + args.max_tasks)
+        g = torch.Generator().manual_seed(1234)
+        self.z_grid = torch.randn(10, nz, generator=g).to(env.device)  # the grids' noise
+        T = len(env.tasks)  # --max-tasks: this call stops early
+        self.stop = min(T, self.start + (args.max_tasks or T))
 
     def remaining_tasks(self):
         """The tasks this call trains: the first unfinished one on (--max-tasks of them)."""
@@ -980,8 +950,7 @@ class TaskRun:
         self.write_metrics(tasks_done=t + 1)
 
     def write_metrics(self, seconds=0.0, **fields):
-        """(Re)write metrics.json (README, "What a run leaves behind"); `seconds` is added to
-        the run's time, `fields` (e.g. end-of-run metrics) to the file. Returns the dict."""
+        """(Re)write metrics.json; `seconds` joins the run's time, `fields` the file."""
         self.seconds += seconds
         self.fields.update(fields)
         env, tasks = self.env, self.env.tasks
@@ -1019,6 +988,7 @@ class TaskRun:
         print(f"forgetting (avg) {m['avg_forgetting']:.2f}  BWT {m['bwt']:.2f}  "
               f"training+eval time {self.seconds:.0f}s  -> {out}/metrics.json", flush=True)
         return m
+
 
 def fmt_table(header, rows):
     """A plain text table: header is a list of str, rows lists of str/float/None."""

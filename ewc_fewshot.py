@@ -642,7 +642,7 @@ def evaluate(G, ev, args, device, inception=None):
                    clusters_used=used)
     if inception is not None:
         net_i, real_i = inception
-        res["inception_fid"] = C.frechet_distance(C.inception_features(net_i, gen), real_i)
+        res["inception_fid"] = C.frechet_distance(net_i(gen), real_i)
     return res
 
 
@@ -659,8 +659,8 @@ def measurement_setup(args, source, target, shots, device):
                         if args.shots is not None else None)}
     inception = None
     if args.inception_fid:
-        net_i = C.inception_net(device)
-        inception = (net_i, C.inception_features(net_i, C.to_float(target[0].to(device))))
+        net_i = C.inception_features(device)
+        inception = (net_i, net_i(C.to_float(target[0].to(device))))
     print(f"evaluator: {desc['name']}; held-out class accuracy {desc['class_accuracy']:.1f}%, "
           f"domain accuracy {desc['domain_accuracy']:.1f}%", flush=True)
     return (lambda G: evaluate(G, ev, args, device, inception)), desc

@@ -377,9 +377,8 @@ def generated_set_metrics(args, env, generate, classes, nz):
            "fd_evaluator": C.frechet_distance(C.features(env.evaluator, gen),
                                               C.features(env.evaluator, tx))}
     if getattr(args, "inception_fid", False):
-        net = C.inception_net(dev)
-        res["fid_inception"] = C.frechet_distance(C.inception_features(net, gen),
-                                                  C.inception_features(net, tx))
+        inception = C.inception_features(dev)
+        res["fid_inception"] = C.frechet_distance(inception(gen), inception(tx))
     return res
 
 

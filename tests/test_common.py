@@ -406,7 +406,7 @@ def test_inception_fid_offline_is_a_user_error(monkeypatch):
 
     monkeypatch.setattr(tvm, "inception_v3", offline)
     with pytest.raises(C.UserError, match="Inception-v3 weights"):
-        C.inception_net(torch.device("cpu"))
+        C.inception_features(torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- run outputs

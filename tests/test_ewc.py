@@ -263,6 +263,7 @@ def test_target_share_is_the_softmax_mass_of_the_target_classes():
     assert E.target_share(Table(), x, 2, batch=3) == 0.5
 
 
+@pytest.mark.slow  # trains the joint evaluator (about 25 s): the slow tier
 def test_joint_evaluator_sees_the_targets_look(data_root):
     """The evaluator of every few-shot metric, trained on synth + synth-amber (the same
     digits; white on black vs amber on navy): held-out images of each domain are assigned
