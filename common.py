@@ -110,8 +110,7 @@ def parse_run_args(parser, argv=None, run_flags=()):
                and given[k] != old[k]]
     if changed:
         raise UserError(f"--resume: the run in {args.out} was made with other settings "
-                        f"({'; '.join(changed)}); resume it with its own, or choose another "
-                        "--out")
+                        f"({'; '.join(changed)}); resume it with its own or use another --out")
     for k, v in old.items():
         if k in given and given[k] is unset and k not in PER_CALL:
             setattr(args, k, v)
@@ -441,8 +440,7 @@ def gradient_penalty(critic_fn, real, fake, input_gradient=None):
 
 @torch.no_grad()
 def generate_class(generate, c, n, nz, device, batch=64):
-    """n images of class c from `generate(z, y)`, in single-class batches (the authors'
-    protocol: their batch-statistics BN sees one class per batch)."""
+    """n images of class c from `generate(z, y)` in single-class batches, as the authors'."""
     return torch.cat([generate(torch.randn(m, nz, device=device),
                                torch.full((m,), c, dtype=torch.long, device=device))
                       for m in [min(batch, n - i) for i in range(0, n, batch)]])
@@ -652,9 +650,8 @@ def generated_accuracy(generate, evaluator, classes, n, nz, device, batch=64):
 
 
 def acc_summary(R):
-    """Summaries of an accuracy matrix R[t][i] (%, None where task i is not yet seen):
-    avg_acc[t] = mean_{i<=t} R[t][i]; forgetting_i = max_{t'<T} R[t'][i] - R[T][i]
-    (i < T, T = last task); BWT = mean_{i<T} (R[T][i] - R[i][i]). docs/core.md, "Metrics"."""
+    """Of R[t][i] (%, None before task i): avg_acc[t] = mean_{i<=t} R[t][i]; forgetting_i =
+    max_{t'<T} R[t'][i] - R[T][i] (i < T, the last task); BWT = mean_{i<T} R[T][i] - R[i][i]."""
     T = len(R) - 1
     avg = [float(np.mean(row[:t + 1])) for t, row in enumerate(R)]
     forgetting = [max(R[t][i] for t in range(i, T)) - R[T][i] for i in range(T)]
@@ -902,8 +899,12 @@ class TaskRun:
         self.R, self.class_acc, self.seconds, self.start = [], {}, 0.0, 0
         self.metrics, self.fields = None, {}  # metrics.json, and fields added to it
         if env.ckpt is not None:
-            for name, module in models.items():
-                module.load_state_dict(env.ckpt["models"][name])
+            try:
+                for name, module in models.items():
+                    module.load_state_dict(env.ckpt["models"][name])
+            except (KeyError, RuntimeError) as err:  # another version's or a damaged file
+                raise UserError(f"--resume: the checkpoint in {env.out} does not fit these "
+                                f"networks: {str(err).splitlines()[0][:80]}")
             self.extra.update(env.ckpt.get("extra", {}))
             self.R, self.class_acc = env.ckpt["R"], env.ckpt["class_acc"]
             self.seconds, self.start = env.ckpt["seconds"], env.ckpt["task"] + 1

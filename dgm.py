@@ -684,7 +684,7 @@ def main(argv=None):
     D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,
                 args.d_norm).to(env.device)
     if env.ckpt is not None:  # a grown generator: its checkpoint's structure, then weights
-        rebuild_structure(G, env.ckpt["models"]["G"])
+        rebuild_structure(G, env.ckpt.get("models", {}).get("G", G.state_dict()))
     generate = make_generate(G, env.tasks, env.n_classes, args.s_max, env.device)
     env.train, env.val = hold_out(env.train, args.val_split, args.seed)  # authors' split
     results = new_results()  # DGM's own metrics, filled by train_task, checkpointed
