@@ -69,7 +69,7 @@ THRES_COSH = 50.0     # authors / HAT: clamp of s*e inside cosh
 
 def parse_args(argv=None):
     p = C.Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None, batch_size=None)
     p.add_argument("--variant", default="w", choices=["w", "a"],
                    help="w: DGM-w, a mask per weight; a: DGM-a, a mask per unit (activation)")

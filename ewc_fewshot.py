@@ -73,7 +73,7 @@ def shots_arg(text):
 
 def parse_args(argv=None):
     p = C.Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data-root", default="./data", help="where datasets are read from / "
                    "downloaded to (default of --source-root and --target-root)")

@@ -49,7 +49,7 @@ PAPER_LSUN = {"jtr": {"acc": 79.19, "rev_acc": 70.00, "fid": 49.69},
 
 def parse_args(argv=None):
     p = C.Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
     p.add_argument("--mode", default="jtr", choices=["jtr", "sft", "ewc", "jt", "cumulative"],
                    help="jtr: joint training with replay (MeRGAN, Eqs. 10-11); sft: sequential "
@@ -59,12 +59,6 @@ def parse_args(argv=None):
                         "task on the real data of every class seen so far (not the paper's JT)")
     p.add_argument("--lambda-cls", type=C.non_negative, default=1.0, help="weight of the AC "
                    "classification losses, Eqs. (3) and (6) (paper: 1)")
-    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
-                   help="gradient-penalty weight in Eq. (5) (paper: 10)")
-    p.add_argument("--critic-iters", type=C.at_least(1), default=5,
-                   help="critic steps per generator step (paper: 5)")
-    p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
-                   "(paper: 1e-4, betas 0 and 0.9)")
     p.add_argument("--jtr-weighting", default="per-class", choices=["per-class", "batch"],
                    help="--mode jtr: how the losses weigh the classes of the joined batch; "
                         "per-class (the authors' code): each class's mean, summed, so every "
@@ -85,43 +79,14 @@ def parse_args(argv=None):
     p.add_argument("--fisher-samples", type=C.at_least(2), default=1000,
                    help="--mode ewc: generated images whose squared per-sample gradients are "
                         "averaged into the Fisher information after each task")
-    p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
-                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
-                        "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    p.add_argument("--dim", type=C.at_least(1), default=None,
-                   help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
-    p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
-                   help="after the last task also report Table 2's Rev acc and the Frechet "
-                        "distance of generated to real test images (default: on for lsun)")
-    p.add_argument("--inception-fid", action="store_true",
-                   help="with --final-metrics, also Inception FID (needs torchvision's "
-                        "Inception-v3 weights, downloaded once)")
-    p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
-                   "autograd's gradient penalty and plain 5x5 convolutions, without the "
-                   "digit nets' speed branches (same numbers to float rounding, slower)")
-    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
-    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs", "final_metrics",
-                                                "inception_fid"))
-    # Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
-    # for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001,
-    # LSUN 20001 (JT, one task: MNIST 40001, SVHN 80001, joint.py); Table 2's metrics on
-    # for lsun.
-    size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
-    if args.arch == "auto":
-        args.arch = "resnet" if size == 64 else "dcgan"
+    M.add_mergan_args(p)  # the flags both MeRGAN scripts share
+    args = C.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    if args.iters is None and args.mode == "jt":  # JT, one task (joint.py): 40001, SVHN 80001
+        args.iters = {"svhn": 80001, "synth-color": 80001}.get(args.dataset, 40001)
+    M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset
     if args.mode == "jt" and args.arch != "dcgan":
         raise C.UserError("--mode jt is Table 1's JT, for the digit nets (--arch dcgan); "
                           "Table 2 (LSUN) has no JT column")
-    if args.dim is None:
-        args.dim = 64 if args.arch == "resnet" else 32
-    if args.iters is None and args.mode == "jt":
-        args.iters = {"svhn": 80001, "synth-color": 80001}.get(args.dataset, 40001)
-    if args.iters is None:
-        args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
-    if args.final_metrics is None:
-        args.final_metrics = args.dataset == "lsun"
-    if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
-        args.reduce_batch = args.arch == "dcgan"
     return args
 
 

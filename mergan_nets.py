@@ -1,4 +1,5 @@
-"""MeRGAN's networks and Table 2's measures, shared by `mergan_jtr.py` and `mergan_ra.py`.
+"""What MeRGAN's two scripts, `mergan_jtr.py` and `mergan_ra.py`, share: flags, networks,
+Table 2's data and measures.
 
 Paper: C. Wu et al., "Memory Replay GANs", NeurIPS 2018 (docs/mergan.md). The authors' nets:
 
@@ -6,11 +7,14 @@ Paper: C. Wu et al., "Memory Replay GANs", NeurIPS 2018 (docs/mergan.md). The au
     WGAN-GP critic with an auxiliary classifier head (`Critic`);
   - Table 2 (LSUN, 64x64): WGAN-GP's ResNets (`ResNetGenerator`, `ResNetCritic`);
   - Table 2's data, LSUN's lmdb files (`load_lsun`, `common.load_dataset('lsun')`), and its
-    rows besides Acc: reverse accuracy and Frechet distances (`table2_report`).
+    rows besides Acc: reverse accuracy and Frechet distances (`table2_report`);
+  - the flags and data-dependent defaults of both scripts (`add_mergan_args`,
+    `mergan_defaults`).
 
 The digit nets carry two speed branches (`conv5_s2`, `Critic.input_gradient`), each beside
 the plain form it replaces (--plain-step) and tested equal.
 """
+import argparse
 import math
 import os
 import time
@@ -20,6 +24,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+
+
+def add_mergan_args(p):
+    """The flags both MeRGAN scripts share (the paper's WGAN-GP settings, the networks, Table
+    2's report, the speed branches); each script adds its method's own."""
+    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
+                   help="gradient-penalty weight in Eq. (5) (paper: 10)")
+    p.add_argument("--critic-iters", type=C.at_least(1), default=5,
+                   help="critic steps per generator step (paper: 5)")
+    p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
+                   "(paper: 1e-4, betas 0 and 0.9)")
+    p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
+                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
+                        "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
+    p.add_argument("--dim", type=C.at_least(1), default=None,
+                   help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
+    p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the last task also report Table 2's Rev acc and the Frechet "
+                        "distance of generated to real test images (default: on for lsun)")
+    p.add_argument("--inception-fid", action="store_true",
+                   help="with --final-metrics, also Inception FID (needs torchvision's "
+                        "Inception-v3 weights, downloaded once)")
+    p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
+                   "autograd's gradient penalty and plain 5x5 convolutions, without the "
+                   "digit nets' speed branches (same numbers to float rounding, slower)")
+    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
+
+
+RUN_FLAGS = ("cuda_graphs", "final_metrics", "inception_fid")  # may change on --resume
+
+
+def mergan_defaults(args):
+    """Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
+    for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001, LSUN
+    20001; REDUCE_BATCH on for the digit nets; Table 2's metrics on for lsun."""
+    size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
+    if args.arch == "auto":
+        args.arch = "resnet" if size == 64 else "dcgan"
+    if args.dim is None:
+        args.dim = 64 if args.arch == "resnet" else 32
+    if args.iters is None:
+        args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
+    if args.final_metrics is None:
+        args.final_metrics = args.dataset == "lsun"
+    if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
+        args.reduce_batch = args.arch == "dcgan"
 
 
 def conv5_s2(x, weight, bias=None):

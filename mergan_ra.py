@@ -34,7 +34,7 @@ PAPER_LSUN = {"acc": 81.03, "rev_acc": 83.62, "fid": 37.73}
 
 def parse_args(argv=None):
     p = C.Parser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, iters=None)
     p.add_argument("--lambda-ra", type=C.non_negative, default=None,
                    help="weight of the replay alignment loss, with the authors' normalisation "
@@ -53,43 +53,9 @@ def parse_args(argv=None):
                         "the 64x64 LSUN nets, as they run): on, batch // K aligned samples per "
                         "earlier class and the alignment divided by K; off, a whole batch per "
                         "earlier class, not divided")
-    p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
-                   help="gradient-penalty weight in Eq. (5) (paper: 10)")
-    p.add_argument("--critic-iters", type=C.at_least(1), default=5,
-                   help="critic steps per generator step (paper: 5)")
-    p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
-                   "(paper: 1e-4, betas 0 and 0.9)")
-    p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
-                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
-                        "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-    p.add_argument("--dim", type=C.at_least(1), default=None,
-                   help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
-    p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
-                   help="after the last task also report Table 2's Rev acc and the Frechet "
-                        "distance of generated to real test images (default: on for lsun)")
-    p.add_argument("--inception-fid", action="store_true",
-                   help="with --final-metrics, also Inception FID (needs torchvision's "
-                        "Inception-v3 weights, downloaded once)")
-    p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
-                   "autograd's gradient penalty and plain 5x5 convolutions, without the "
-                   "digit nets' speed branches (same numbers to float rounding, slower)")
-    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
-    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs", "final_metrics",
-                                                "inception_fid"))
-    # Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
-    # for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001,
-    # LSUN 20001; Table 2's metrics on for lsun.
-    size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
-    if args.arch == "auto":
-        args.arch = "resnet" if size == 64 else "dcgan"
-    if args.dim is None:
-        args.dim = 64 if args.arch == "resnet" else 32
-    if args.iters is None:
-        args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
-    if args.final_metrics is None:
-        args.final_metrics = args.dataset == "lsun"
-    if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
-        args.reduce_batch = args.arch == "dcgan"
+    M.add_mergan_args(p)  # the flags both MeRGAN scripts share
+    args = C.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3
     return args
