@@ -890,11 +890,13 @@ class TaskRun:
         metrics = run.finish(paper)      # GIF, metrics.json, the table (None: --max-tasks)
 
     `models` (nn.Modules) and `extra` (plain data the method fills in, e.g. its own metrics)
-    are checkpointed with every RNG state, restored on --resume; `extra` joins metrics.json."""
+    are checkpointed with every RNG state, restored on --resume; `extra` joins metrics.json.
+    `measure(seen)` -> {class: Acc %} replaces MeRGAN's Acc (`generated_accuracy` of
+    `generate`) for a generator that cannot be asked for a class (dgr.py)."""
 
-    def __init__(self, args, env, method, models, generate, nz=128, extra=None):
+    def __init__(self, args, env, method, models, generate, nz=128, extra=None, measure=None):
         self.args, self.env, self.method, self.models = args, env, method, models
-        self.generate, self.nz = generate, nz
+        self.generate, self.nz, self.measure = generate, nz, measure
         self.extra = {} if extra is None else extra
         self.R, self.class_acc, self.seconds, self.start = [], {}, 0.0, 0
         self.metrics, self.fields = None, {}  # metrics.json, and fields added to it
@@ -930,8 +932,8 @@ class TaskRun:
         for name, module in self.models.items():  # never evaluate or save diverged weights
             check_finite(module, f"[task {t + 1}/{len(tasks)}] {name}")
         seen = [c for task in tasks[:t + 1] for c in task]
-        acc = generated_accuracy(self.generate, self.env.evaluator, seen, args.eval_samples,
-                                 self.nz, dev)
+        acc = (self.measure(seen) if self.measure else generated_accuracy(
+            self.generate, self.env.evaluator, seen, args.eval_samples, self.nz, dev))
         for c in seen:  # per-class history, None before the class is seen
             self.class_acc.setdefault(str(c), [None] * t).append(acc[c])
         self.R.append([float(np.mean([acc[c] for c in task])) for task in tasks[:t + 1]]

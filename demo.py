@@ -3,6 +3,7 @@ MeRGAN replay alignment (RA) on the offline `synth` digits, two tasks (class 0, 
 
     python demo.py                 # SFT and RA, about 5 minutes on 2 CPU cores
     python demo.py --with-jtr      # adds MeRGAN-JTR (about 2.5 minutes more)
+    python demo.py --with-dgr      # adds DGR, deep generative replay (about 2 minutes more)
 
 After task 2, SFT's generator has forgotten class 0 (its "0"s now look like "1"s to the
 evaluator), while RA still draws it. This is a teaching budget, not the paper's: 200
@@ -13,6 +14,7 @@ import argparse
 import os
 
 import common as C
+import dgr
 import mergan_jtr
 import mergan_ra
 
@@ -24,6 +26,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--with-jtr", action="store_true", help="also run MeRGAN-JTR")
+    p.add_argument("--with-dgr", action="store_true", help="also run DGR (an unconditional "
+                   "generator and a solver, dgr.py)")
     a = p.parse_args(argv)
     common = ["--dataset", "synth", "--classes", "0,1", "--iters", "200", "--dim", "16",
               "--lr", "1e-3", "--eval-samples", "320", "--log-every", "50",
@@ -31,6 +35,8 @@ def main(argv=None):
     runs = [("SFT", mergan_jtr.main, ["--mode", "sft"]), ("RA", mergan_ra.main, [])]
     if a.with_jtr:
         runs.append(("JTR", mergan_jtr.main, ["--mode", "jtr"]))
+    if a.with_dgr:
+        runs.append(("DGR", dgr.main, []))
     results = {}
     for name, main_fn, extra in runs:
         out = os.path.join(a.out, f"{name.lower()}-s{a.seed}")

@@ -26,26 +26,29 @@ import torch.nn.functional as F
 import common as C
 
 
-def add_mergan_args(p):
+def add_mergan_args(p, table2=True):
     """The flags both MeRGAN scripts share (the paper's WGAN-GP settings, the networks, Table
-    2's report, the speed branches); each script adds its method's own."""
+    2's report, the speed branches); each script adds its method's own. table2=False (dgr.py,
+    the digit nets only): without --arch, --final-metrics and --inception-fid."""
     p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
                    help="gradient-penalty weight in Eq. (5) (paper: 10)")
     p.add_argument("--critic-iters", type=C.at_least(1), default=5,
                    help="critic steps per generator step (paper: 5)")
     p.add_argument("--lr", type=C.positive, default=1e-4, help="Adam learning rate, both nets "
                    "(paper: 1e-4, betas 0 and 0.9)")
-    p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
-                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
-                        "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
     p.add_argument("--dim", type=C.at_least(1), default=None,
                    help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
-    p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
-                   help="after the last task also report Table 2's Rev acc and the Frechet "
-                        "distance of generated to real test images (default: on for lsun)")
-    p.add_argument("--inception-fid", action="store_true",
-                   help="with --final-metrics, also Inception FID (needs torchvision's "
-                        "Inception-v3 weights, downloaded once)")
+    if table2:
+        p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
+                       help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 "
+                            "LSUN nets (Table 2); auto: resnet for 64x64 images, else dcgan")
+        p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
+                       help="after the last task also report Table 2's Rev acc and the "
+                            "Frechet distance of generated to real test images (default: on "
+                            "for lsun)")
+        p.add_argument("--inception-fid", action="store_true",
+                       help="with --final-metrics, also Inception FID (needs torchvision's "
+                            "Inception-v3 weights, downloaded once)")
     p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
                    "autograd's gradient penalty and plain 5x5 convolutions, without the "
                    "digit nets' speed branches (same numbers to float rounding, slower)")
@@ -65,11 +68,16 @@ def mergan_defaults(args):
     if args.dim is None:
         args.dim = 64 if args.arch == "resnet" else 32
     if args.iters is None:
-        args.iters = {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(args.dataset, 4001)
+        args.iters = authors_iters(args.dataset)
     if args.final_metrics is None:
         args.final_metrics = args.dataset == "lsun"
     if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
         args.reduce_batch = args.arch == "dcgan"
+
+
+def authors_iters(dataset):
+    """Iterations per task in the authors' train.sh: MNIST 4001, SVHN 8001, LSUN 20001."""
+    return {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(dataset, 4001)
 
 
 def conv5_s2(x, weight, bias=None):

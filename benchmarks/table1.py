@@ -1,7 +1,7 @@
 """MeRGAN's Table 1 and DGM's A5/A10 in one command, on one protocol.
 
-Runs every column of MeRGAN's Table 1 -- JT, SFT, EWC, MeRGAN-JTR, MeRGAN-RA -- and DGM-w /
-DGM-a (DGM's Table) as separate runs of this repository's scripts, on the same dataset, task
+Runs every column of MeRGAN's Table 1 -- JT, SFT, EWC, DGR, MeRGAN-JTR, MeRGAN-RA -- and
+DGM-w / DGM-a (DGM's Table) as separate runs of this repository's scripts, on the same dataset, task
 order, seed, evaluator and number of generated samples; then writes one Markdown table with
 our numbers beside the papers' and a picture of each run's accuracy matrix. JT is the
 paper's: one run on every class at once for each reported task count (after 5 tasks:
@@ -18,7 +18,7 @@ calling the command again skips finished runs and resumes interrupted ones (`--r
         --eval-samples 10 --mergan-args "--dim 8" --ewc-args "--fisher-samples 4"  # seconds
 
 Outputs in --out: one folder per run (the script's own run folder: metrics.json, samples,
-checkpoint; `jt5`, `jt10` for JT) and its log, `acc_matrix_<run>.png` (DGM also
+checkpoint; `jt5`, `jt10` for JT) and its log, `acc_matrix_<run>.png` (DGR and DGM also
 `solver_matrix_<run>.png`), `table1.md`, `table1.json`.
 """
 import argparse
@@ -44,6 +44,7 @@ COLUMNS = {
     "jt": ("JT", "mergan_jtr.py", ["--mode", "jt"]),
     "sft": ("SFT", "mergan_jtr.py", ["--mode", "sft"]),
     "ewc": ("EWC", "mergan_jtr.py", ["--mode", "ewc"]),
+    "dgr": ("DGR", "dgr.py", []),  # deep generative replay: unconditional G + solver
     "jtr": ("MeRGAN-JTR", "mergan_jtr.py", []),
     "ra": ("MeRGAN-RA", "mergan_ra.py", []),
     # DGM's authors resize 28px digits to 32 (dgm.py's default); here DGM gets MeRGAN's
@@ -55,18 +56,19 @@ COLUMNS = {
     "cumulative": ("Cumulative (not the paper's JT)", "mergan_jtr.py",
                    ["--mode", "cumulative"]),
 }
-DEFAULT_COLUMNS = ["jt", "sft", "ewc", "jtr", "ra", "dgmw", "dgma"]
+DEFAULT_COLUMNS = ["jt", "sft", "ewc", "dgr", "jtr", "ra", "dgmw", "dgma"]
 DGM = ("dgmw", "dgma")
+SOLVER = ("dgr", "dgmw", "dgma")  # columns with a solver classifier: A_t, DGM's metric
 # MeRGAN Table 1 (Wu et al. 2018): average accuracy (%) after 5 and 10 one-digit tasks.
 # DGM's paper reports A5/A10 on MNIST and SVHN too, but those values could not be checked
 # against the paper's text for this repository, so none are printed (docs/dgm.md).
 PAPER = {
     "mnist": {"jt": {5: 97.66, 10: 96.92}, "sft": {5: 19.87, 10: 10.06},
-              "ewc": {5: 70.62, 10: 77.03}, "jtr": {5: 97.93, 10: 97.00},
-              "ra": {5: 98.19, 10: 97.01}},
+              "ewc": {5: 70.62, 10: 77.03}, "dgr": {5: 90.39, 10: 85.40},
+              "jtr": {5: 97.93, 10: 97.00}, "ra": {5: 98.19, 10: 97.01}},
     "svhn": {"jt": {5: 85.30, 10: 84.82}, "sft": {5: 19.35, 10: 10.10},
-             "ewc": {5: 39.84, 10: 33.02}, "jtr": {5: 80.90, 10: 66.50},
-             "ra": {5: 76.05, 10: 66.78}},
+             "ewc": {5: 39.84, 10: 33.02}, "dgr": {5: 61.29, 10: 47.28},
+             "jtr": {5: 80.90, 10: 66.50}, "ra": {5: 76.05, 10: 66.78}},
 }
 
 
@@ -98,8 +100,9 @@ def parse_args(argv=None):
                    "DGM runs (default: the authors' epochs per task)")
     p.add_argument("--eval-samples", type=int, default=6400, help="generated images per "
                    "class for Acc (paper: 6400)")
-    p.add_argument("--mergan-args", default="", help="extra flags for JT, SFT, EWC, JTR and "
-                   "RA, ones all three scripts take, e.g. \"--dim 16 --lr 1e-3\"")
+    p.add_argument("--mergan-args", default="", help="extra flags for JT, SFT, EWC, DGR, JTR "
+                   "and RA, ones mergan_jtr.py, mergan_ra.py and dgr.py all take, e.g. "
+                   "\"--dim 16 --lr 1e-3\"")
     p.add_argument("--ewc-args", default="", help="extra flags for the EWC run only, e.g. "
                    "\"--fisher-samples 200\"")
     p.add_argument("--dgm-args", default="", help="extra flags for DGM-w and DGM-a")
@@ -111,6 +114,10 @@ def parse_args(argv=None):
     if unknown or not args.columns:
         raise C.UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'}; "
                           f"choose from {', '.join(COLUMNS)}")
+    if args.dataset == "lsun" and "dgr" in args.columns:
+        raise C.UserError("--columns dgr on lsun: MeRGAN's Table 2 leaves DGR out (its "
+                          "generation is not conditioned on the category); pass --columns "
+                          "sft,ewc,jtr,ra")
     if args.classes is not None:
         args.class_list = [int(c) for c in args.classes.split(",") if c.strip()]
     else:
@@ -373,9 +380,10 @@ def report(args, results, device_name):
              f"{any_m['args']['eval_samples']} generated images of every class seen; the "
              "mean of the per-task accuracies. JT is the paper's: after t tasks = one run "
              "on the first t classes at once (" + ", ".join(f"`{n}`" for n in jt_runs)
-             + "). A_t = DGM's metric: the accuracy of the DGM "
-             "discriminator's classifier head on the real test images of the classes seen "
-             "(A5, A10 in the DGM paper). Paper values inline only where the dataset and "
+             + "). DGR's Acc: its solver names the class of each "
+             "unconditional image (docs/dgr.md). A_t = DGM's metric: the accuracy of the "
+             "solver (DGM: the discriminator's classifier head) on the real test images of "
+             "the classes seen (A5, A10 in the DGM paper). Paper values inline only where the dataset and "
              "the tasks are the paper's (mnist/svhn, classes 0..9, one per task); they "
              "were obtained with the authors' budgets (4001/8001 iterations per task, "
              "JT 40001/80001).",
@@ -390,10 +398,10 @@ def report(args, results, device_name):
             lines.append(f"| Acc after {t} tasks, paper | "
                          + " | ".join(fmt(paper[c].get(t)) if c in paper else ""
                                       for c in cols) + " |")
-    if any(c in DGM for c in cols):
+    if any(c in SOLVER for c in cols):
         for t in marks(T):
-            lines.append(f"| A_{t} (DGM solver, real test data), ours | "
-                         + " | ".join(fmt(results[c]["A"][t - 1]) if c in DGM else ""
+            lines.append(f"| A_{t} (solver on real test data), ours | "
+                         + " | ".join(fmt(results[c]["A"][t - 1]) if c in SOLVER else ""
                                       for c in cols) + " |")
     lines.append("| forgetting (avg, points) | "
                  + " | ".join("— (one task)" if c == "jt" else
@@ -456,7 +464,7 @@ def report(args, results, device_name):
         rows = [f"after {t + 1}" for t in range(len(m["tasks"]))]
         draw_matrix(m["acc_matrix"], rows, names, f"{COLUMNS[col][0]}: Acc (%) of generated "
                     f"images, {args.dataset}", os.path.join(args.out, f"acc_matrix_{n}.png"))
-        if col in DGM:
+        if col in SOLVER:
             draw_matrix(m["solver_acc_matrix"], rows, names, f"{COLUMNS[col][0]}: solver "
                         f"accuracy (%) on real test data", os.path.join(
                             args.out, f"solver_matrix_{n}.png"))

@@ -37,6 +37,7 @@ def run(script, args, data_root, out):
     ("mergan_jtr.py", ["--mode", "ewc", "--dim", "8", "--fisher-samples", "8"]),
     ("dgm.py", ["--variant", "w"]),
     ("dgm.py", ["--variant", "a"]),
+    ("dgr.py", ["--dim", "8"]),
     ("mergan_jtr.py", ["--mode", "jtr", "--dim", "8", "--no-cuda-graphs"]),
     ("dgm.py", ["--variant", "w", "--no-cuda-graphs"]),
 ])
@@ -66,6 +67,7 @@ def test_fewshot_runs_end_to_end_on_cuda(data_root, tmp_path):
     ("mergan_jtr.py", ["--mode", "ewc", "--dim", "16", "--fisher-samples", "8"]),
     ("dgm.py", ["--variant", "w"]),
     ("dgm.py", ["--variant", "a"]),
+    ("dgr.py", ["--dim", "16"]),
 ])
 def test_cuda_graph_loop_gives_the_eager_loops_numbers(script, extra, data_root, tmp_path):
     """Same seed, same data: 3 tasks of 12 iterations (3 eager warm-up iterations, then 9
@@ -98,7 +100,7 @@ def test_table_command_runs_every_column_at_once_on_cuda(data_root, tmp_path):
            "--mergan-args", "--dim 8", "--ewc-args", "--fisher-samples 8", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "7 at a time" in res.stdout  # jt2 (classes 0,1 at once) and the six others
+    assert "8 at a time" in res.stdout  # jt2 (classes 0,1 at once) and the seven others
     table = (out / "table1.md").read_text()
-    for label in ("SFT", "EWC", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a", "JT"):
+    for label in ("SFT", "EWC", "DGR", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a", "JT"):
         assert label in table

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "benchmarks", "table1.py")
-LABELS = ("JT", "SFT", "EWC", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a")
+LABELS = ("JT", "SFT", "EWC", "DGR", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a")
 
 
 def table(data_root, out, *extra):
@@ -29,15 +29,15 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
     md = (out / "table1.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| |"))
     assert [c.strip() for c in header.strip("|").split("|")][1:] == list(LABELS)
-    assert "| Acc after 2 tasks, ours |" in md and "| A_2 (DGM solver" in md
+    assert "| Acc after 2 tasks, ours |" in md and "| A_2 (solver on real test data), ours |" in md
     # the paper's Table 1 values, e.g. MNIST JTR 97.93 / 97.00 and EWC 70.62 / 77.03
-    assert "| paper | JT | SFT | EWC |" in md
-    assert "| MNIST, Acc after 5 tasks | 97.66 | 19.87 | 70.62 | 97.93 | 98.19 |" in md
-    assert "| SVHN, Acc after 10 tasks | 84.82 | 10.10 | 33.02 | 66.50 | 66.78 |" in md
+    assert "| paper | JT | SFT | EWC | DGR | MeRGAN-JTR | MeRGAN-RA |" in md
+    assert "| MNIST, Acc after 5 tasks | 97.66 | 19.87 | 70.62 | 90.39 | 97.93 | 98.19 |" in md
+    assert "| SVHN, Acc after 10 tasks | 84.82 | 10.10 | 33.02 | 47.28 | 66.50 | 66.78 |" in md
     assert "Cumulative" not in md  # not a default column
     assert md in res.stdout  # printed too
     summary = json.load(open(out / "table1.json"))
-    assert set(summary["runs"]) == {"jt2", "sft", "ewc", "jtr", "ra", "dgmw", "dgma"}
+    assert set(summary["runs"]) == {"jt2", "sft", "ewc", "dgr", "jtr", "ra", "dgmw", "dgma"}
     for name, entry in summary["runs"].items():
         m = json.load(open(out / name / "metrics.json"))
         assert entry["avg_acc"] == m["avg_acc"]  # the table reads the runs' own numbers
@@ -49,13 +49,14 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
     jt = json.load(open(out / "jt2" / "metrics.json"))
     assert jt["tasks"] == [[0, 1]] and jt["args"]["iters"] == 4 and jt["method"] == "mergan-jt"
     assert summary["columns"]["jt"]["acc_after"] == {"2": jt["avg_acc"][0]}
+    assert (out / "solver_matrix_dgr.png").exists() and summary["runs"]["dgr"]["A"]
     assert (out / "solver_matrix_dgmw.png").exists()
     assert (out / "solver_matrix_dgma.png").exists()
 
     # A second call finds every run finished: it starts no run and prints the same table.
     again = table(data_root, out)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count(" done\n") == 7
+    assert again.stdout.count(" done\n") == 8
     for col in ("sft", "dgmw"):
         assert open(out / f"{col}.log").read().count("$ ") == 1  # launched once only
 
@@ -106,4 +107,9 @@ def test_table_user_errors_are_one_line(tmp_path):
     res = subprocess.run([sys.executable, TABLE, "--columns", "jt,xyz", "--out",
                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: --columns")
+    assert len(res.stderr.strip().splitlines()) == 1
+    # MeRGAN's Table 2 (LSUN) leaves DGR out: so does the table command, in one line
+    res = subprocess.run([sys.executable, TABLE, "--dataset", "lsun", "--columns", "sft,dgr",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2 and "--columns dgr on lsun" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

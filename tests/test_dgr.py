@@ -1,0 +1,226 @@
+"""Tests of DGR (dgr.py): Acc through the solver's labels, the replay and its labels, end to
+end on synth, resume, and (slow) DGR beside SFT at the demo budget."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+import dgr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synth", "--classes", "0,1,2", "--iters", "3", "--dim", "8",
+        "--eval-samples", "16", "--device", "cpu", "--log-every", "2"]
+
+
+def run_script(*args, timeout=600):
+    r = subprocess.run([sys.executable, "dgr.py", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+# ---------------------------------------------------------------- Acc of an unconditional G
+def test_dgr_accuracy_known_answer():
+    """12 images, classes 0, 1, 2 seen, n = 4 per class: the solver calls six images 0 and
+    six 1, none 2; the evaluator confirms 3 of the 0s (one image is NaN: -1) and all 1s."""
+    assigned = torch.tensor([0] * 6 + [1] * 6)
+    judged = torch.tensor([0, 0, 0, 1, 1, -1] + [1] * 6)
+    acc, share, pooled = dgr.dgr_accuracy(assigned, judged, [0, 1, 2], 4, "assigned")
+    assert acc == {0: 50.0, 1: 100.0, 2: 0.0}       # g/k; a class never assigned scores 0
+    assert share == {0: 50.0, 1: 50.0, 2: 0.0}
+    assert pooled == 75.0                             # 9 of 12 agree
+    acc, share, pooled = dgr.dgr_accuracy(assigned, judged, [0, 1, 2], 4, "budget")
+    assert acc == {0: 75.0, 1: 100.0, 2: 0.0}        # min(g, n) / n
+    # a class drawn rarely: perfect under "assigned", 1 of 4 under "budget"
+    acc, _, _ = dgr.dgr_accuracy(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 1]),
+                                 [0, 1], 2, "assigned")
+    assert acc == {0: 100.0, 1: 100.0}
+    acc, _, _ = dgr.dgr_accuracy(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 1]),
+                                 [0, 1], 2, "budget")
+    assert acc == {0: 50.0, 1: 100.0}
+
+
+class ValueReader(nn.Module):
+    """A hand-built classifier: the class is 10 x the image's mean pixel, rounded; an image
+    with NaN pixels reads as class 2."""
+
+    def forward(self, x):
+        m = torch.nan_to_num(x.flatten(1).mean(1), nan=0.2)
+        return F.one_hot((m * 10).round().long().clamp(0, 9), 10).float()
+
+
+class Painter(nn.Module):
+    """A hand-built unconditional generator: noise z draws class 1 (z_0 > 0) or class 2
+    (z_0 <= 0), painted as the constant c / 10 + w; with `nan_rows`, the images with
+    z_0 < -1 (about 16%) are NaN."""
+    nz = 4
+
+    def __init__(self, nan_rows=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.nan_rows = nan_rows
+
+    def forward(self, z):
+        c = torch.where(z[:, 0] > 0, 1.0, 2.0)
+        if self.nan_rows:
+            c = torch.where(z[:, 0] < -1, torch.nan, c)
+        return (c / 10 + self.w).view(-1, 1, 1, 1).expand(-1, 1, 32, 32)
+
+
+class PaintedTest:
+    """Real test images painted as their class, 5 per class (solver_accuracy's input)."""
+
+    def subset(self, task):
+        return torch.full((5, 1, 32, 32), task[0] / 10), torch.full((5,), task[0])
+
+
+def new_results():
+    return {"share": [], "pooled_acc": [], "solver_acc_matrix": [], "A": []}
+
+
+def test_measure_assigns_with_the_solver_and_scores_with_the_evaluator():
+    """After task 3 of [0], [1], [2], a generator that has forgotten class 0: Acc_0 = 0 with
+    share 0; Acc_1 = 100; class 2 holds the NaN images, which the solver calls 2 and the
+    evaluator never counts as a digit (without that guard Acc_2 would read 100)."""
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    env = argparse.Namespace(device=dev, evaluator=ValueReader(), test=PaintedTest(),
+                             tasks=[[0], [1], [2]])
+    args = argparse.Namespace(eval_samples=500, batch_size=64, dgr_acc="assigned")
+    results = new_results()
+    results.update(share=[[100.0], [50.0, 50.0]], pooled_acc=[100.0, 100.0],
+                   solver_acc_matrix=[[100.0, None, None], [100.0, 100.0, None]],
+                   A=[100.0, 100.0])  # tasks 1 and 2, measured before
+    S = dgr.Solver(1, 10, width=4)
+    S.net = ValueReader()
+    S.learned[[0, 1, 2]] = True
+    acc = dgr.make_measure(Painter(nan_rows=True), S, env, args, results)([0, 1, 2])
+    share = dict(zip([0, 1, 2], results["share"][2]))
+    assert acc[0] == 0.0 and share[0] == 0.0       # forgotten: no image is called 0
+    assert acc[1] == 100.0 and 45 < share[1] < 55   # every image called 1 is a 1
+    assert share[1] + share[2] == pytest.approx(100.0)
+    assert 55 < acc[2] < 80                          # ~ (50 - 16) / 50: NaN images miss
+    assert results["pooled_acc"][2] == pytest.approx(100 - share[2] * (100 - acc[2]) / 100)
+    assert results["A"][2] == 100.0 and results["solver_acc_matrix"][2] == [100.0] * 3
+
+
+def test_solver_labels_replays_with_the_frozen_previous_solver():
+    """solver_step's target for a replayed image is S_{t-1}'s prediction among ITS learned
+    classes: with S_{t-1} (learned 0, 1) and S (learned 0, 1, 2) disagreeing, the loss is
+    the cross-entropy against S_{t-1}'s labels, not S's."""
+    torch.manual_seed(0)
+    S = dgr.Solver(1, 10, width=4).eval()  # eval: no dropout, the loss depends on labels only
+    S.learned[[0, 1, 2]] = True
+    S_prev = dgr.Solver(1, 10, width=4)
+    S_prev.learned[[0, 1]] = True
+    with torch.no_grad():  # S_{t-1} calls every image 1 (and would say 5, had it learned 5);
+        S_prev.net.head.bias[[1, 5]] = 50.0  # S calls every image 0
+        S.net.head.bias[0] = 50.0
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    y = torch.full((4,), 2)
+    labels_prev = S_prev.predict(x[4:])
+    assert labels_prev.tolist() == [1] * 4  # among its learned classes only
+    with torch.no_grad():
+        expect = F.cross_entropy(S(x), torch.cat([y, labels_prev])).item()
+        wrong = F.cross_entropy(S(x), torch.cat([y, S.predict(x[4:])])).item()
+    assert expect != pytest.approx(wrong)  # the solvers disagree: the test can tell them apart
+    opt = torch.optim.SGD(S.parameters(), lr=0.0)
+    assert dgr.solver_step(S, S_prev, opt, x, y).item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_replays_come_from_the_frozen_previous_generator_and_solver(synth_eval, monkeypatch):
+    """Task 3 of [0], [1], [2]: every critic batch is 64 real images of class 2, then 64
+    replays of G_{t-1}, a copy taken before the task (images of every class it draws,
+    whatever the current G becomes during the task); the solver's labeller is S_{t-1}, a
+    frozen copy of the solver at the task's start that knows classes 0 and 1 only."""
+    _, _, _, train, _ = synth_eval
+    torch.manual_seed(0)
+    env = argparse.Namespace(device=torch.device("cpu"), train=train, tasks=[[0], [1], [2]])
+    args = argparse.Namespace(batch_size=64, critic_iters=2, iters=3, lr=1e-4, solver_lr=1e-3,
+                              log_every=100, cuda_graphs=False)
+    G, D = Painter(), nn.Linear(1, 1)  # G draws classes 1 and 2; D is never called here
+    S = dgr.Solver(1, 10, width=4)
+    S.learned[[0, 1]] = True
+    start = {k: v.clone() for k, v in S.state_dict().items()}
+    seen = {"x": [], "solver": []}
+
+    def spy_critic(G_, D_, opt, x, a):
+        seen["x"].append(x.clone())
+        with torch.no_grad():
+            G.w.add_(1.0)  # the current G moves away: the replays must not follow it
+        return torch.zeros(())
+
+    def spy_solver(S_, S_prev, opt, x, y):
+        seen["solver"].append((S_prev, y.clone()))
+        return torch.zeros(())
+    monkeypatch.setattr(dgr, "critic_step", spy_critic)
+    monkeypatch.setattr(dgr, "generator_step", lambda *a: torch.zeros(()))
+    monkeypatch.setattr(dgr, "solver_step", spy_solver)
+    dgr.train_task(2, G, D, S, env, args)
+    assert len(seen["x"]) == 6 and len(seen["solver"]) == 3
+    for x in seen["x"]:
+        assert x.shape == (128, 1, 32, 32)
+        assert set((x[64:].flatten(1).mean(1) * 10).round().long().tolist()) == {1, 2}
+    for S_prev, y in seen["solver"]:
+        assert (y == 2).all() and len(y) == 64
+        assert S_prev is not S and not S_prev.training
+        assert S_prev.learned.nonzero().flatten().tolist() == [0, 1]
+        assert all(torch.equal(S_prev.state_dict()[k], v) for k, v in start.items())
+        assert not any(p.requires_grad for p in S_prev.parameters())
+    assert S.learned.nonzero().flatten().tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- end to end
+def test_dgr_runs_end_to_end_on_synth(data_root, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(*TINY, "--data-root", data_root, "--out", str(out))
+    assert "it/s" in r.stdout and "ETA" in r.stdout and "s_loss" in r.stdout
+    assert "share of generated images per class" in r.stdout and "solver A_3" in r.stdout
+    m = json.load(open(out / "metrics.json"))
+    assert m["method"] == "dgr" and m["classes"] == [0, 1, 2] and m["tasks_done"] == 3
+    assert len(m["acc_matrix"]) == 3 and m["acc_matrix"][0][1] is None
+    assert [len(s) for s in m["share"]] == [1, 2, 3]
+    assert all(sum(s) <= 100.0 + 1e-6 for s in m["share"])
+    assert len(m["A"]) == 3 and m["solver_acc_matrix"][1][2] is None
+    assert m["A"][0] == 100.0  # one class learned: the solver can only say 0
+    for name in ("args.json", "samples_task1.png", "samples_task3.png", "samples.gif",
+                 "checkpoint.pt"):
+        assert (out / name).exists(), name
+    ck = C.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ck["models"]["S"]["learned"].nonzero().flatten().tolist() == [0, 1, 2]
+    assert "classifier.weight" not in ck["models"]["D"]  # an unconditional critic
+    assert ck["models"]["G"]["bns.0.scale"].shape[0] == 1  # one BN scale: no classes
+
+
+def test_resume_gives_the_same_results_as_an_uninterrupted_run(data_root, tmp_path):
+    args = [*TINY, "--data-root", data_root]
+    run_script(*args, "--out", str(tmp_path / "a"))
+    r = run_script(*args, "--out", str(tmp_path / "b"), "--max-tasks", "1")
+    assert "stopped after task 1/3" in r.stdout
+    r = run_script(*args, "--out", str(tmp_path / "b"), "--resume")
+    assert "resuming after task 1/3" in r.stdout
+    a = json.load(open(tmp_path / "a" / "metrics.json"))
+    b = json.load(open(tmp_path / "b" / "metrics.json"))
+    for k in ("acc_matrix", "class_acc", "share", "pooled_acc", "solver_acc_matrix", "A"):
+        assert a[k] == b[k], k
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["models"]
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["models"]
+    for net in ("G", "D", "S"):
+        assert all(torch.equal(ca[net][k], cb[net][k]) for k in ca[net]), net
+
+
+def test_user_mistakes_are_one_line_errors(data_root, tmp_path):
+    for args, msg in ((["--dataset", "lsun"], "MeRGAN's Table 2 leaves it out"),
+                      (["--dataset", "synth", "--arch", "resnet"], "unrecognized arguments"),
+                      (["--dataset", "synth", "--dgr-acc", "pooled"], "invalid choice")):
+        r = subprocess.run([sys.executable, "dgr.py", *args, "--out", str(tmp_path / "o")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert msg in r.stderr and "Traceback" not in r.stderr
