@@ -378,12 +378,13 @@ def report(args, results, device_name):
              f"Device: {device_name}. Acc = MeRGAN's metric: the evaluator classifier "
              f"(real test accuracy {any_m['evaluator_test_acc']:.2f}%) labels "
              f"{any_m['args']['eval_samples']} generated images of every class seen; the "
-             "mean of the per-task accuracies. JT is the paper's: after t tasks = one run "
-             "on the first t classes at once (" + ", ".join(f"`{n}`" for n in jt_runs)
-             + "). DGR's Acc: its solver names the class of each "
-             "unconditional image (docs/dgr.md). A_t = DGM's metric: the accuracy of the "
-             "solver (DGM: the discriminator's classifier head) on the real test images of "
-             "the classes seen (A5, A10 in the DGM paper). Paper values inline only where the dataset and "
+             "mean of the per-task accuracies. "
+             + ("JT is the paper's: after t tasks = one run on the first t classes at once ("
+                + ", ".join(f"`{n}`" for n in jt_runs) + "). " if jt_runs else "")
+             + "DGR's Acc: its solver names the class of each unconditional image "
+             "(docs/dgr.md). A_t = DGM's metric: the accuracy of the solver (DGM: the "
+             "discriminator's classifier head) on the real test images of the classes seen "
+             "(A5, A10 in the DGM paper). Paper values inline only where the dataset and "
              "the tasks are the paper's (mnist/svhn, classes 0..9, one per task); they "
              "were obtained with the authors' budgets (4001/8001 iterations per task, "
              "JT 40001/80001).",
