@@ -182,6 +182,7 @@ def train_task(t, G, D, S, env, args):
 def dgr_accuracy(assigned, judged, seen, n, reading="assigned"):
     """Acc of DGR's generator from N = n x len(seen) unconditional images: `assigned`, the
     class the solver gives each image; `judged`, the evaluator's (-1: not an image).
+    An image with NaN/Inf pixels has -1 for both: no class's, never an agreement.
     For each seen class c, with k_c images assigned to c and g_c of them judged c:
       assigned: Acc_c = 100 g_c / k_c (0 if k_c = 0): MeRGAN's Acc with the solver's label
                 standing in for the conditioning label;
@@ -198,7 +199,7 @@ def dgr_accuracy(assigned, judged, seen, n, reading="assigned"):
             acc[c] = 100.0 * g / k if k else 0.0
         else:
             acc[c] = 100.0 * min(g, n) / n
-    pooled = 100.0 * float((assigned == judged).float().mean())
+    pooled = 100.0 * float(((assigned == judged) & (judged >= 0)).float().mean())
     return acc, share, pooled
 
 
@@ -215,18 +216,19 @@ def solver_accuracy(S, test, tasks_seen):
 
 def make_measure(G, S, env, args, results):
     """measure(seen) for common.TaskRun: draws --eval-samples x len(seen) images from G, lets
-    the solver and the evaluator classify each (in chunks: no image set held whole), and
-    returns {c: Acc_c} (`dgr_accuracy`, --dgr-acc); the shares, the pooled agreement and
-    the solver's A_t join `results` (metrics.json)."""
+    the solver and the evaluator classify each (in chunks of 100 batches: no image set
+    held whole), and returns {c: Acc_c} (`dgr_accuracy`, --dgr-acc); the shares, the
+    pooled agreement and the solver's A_t join `results` (metrics.json)."""
+    @torch.no_grad()
     def measure(seen):
         n, dev, assigned, judged = args.eval_samples, env.device, [], []
-        total, chunk = n * len(seen), 64 * 100
+        total, chunk = n * len(seen), args.batch_size * 100
         for i in range(0, total, chunk):
             x = draw(G, min(chunk, total - i), args.batch_size, dev)
-            assigned.append(S.predict(x))
             # an image with NaN/Inf pixels is never a digit (as common.generated_accuracy)
-            judged.append(C.classify(env.evaluator, x).masked_fill(
-                ~torch.isfinite(x).flatten(1).all(1), -1))
+            bad = ~torch.isfinite(x).flatten(1).all(1)
+            assigned.append(S.predict(x).masked_fill(bad, -1))
+            judged.append(C.classify(env.evaluator, x).masked_fill(bad, -1))
         acc, share, pooled = dgr_accuracy(torch.cat(assigned), torch.cat(judged), seen, n,
                                           args.dgr_acc)
         t = len(results["A"])

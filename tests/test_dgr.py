@@ -1,5 +1,6 @@
-"""Tests of DGR (dgr.py): Acc through the solver's labels, the replay and its labels, end to
-end on synth, resume, and (slow) DGR beside SFT at the demo budget."""
+"""Tests of DGR (dgr.py): Acc through the solver's labels, the losses, the replay and its
+labels, end to end on synth, resume. DGR beside SFT at the demo budget: the slow
+tests/test_mergan.py::test_sft_forgets_the_first_class_while_ra_jtr_and_dgr_keep_it."""
 import argparse
 import json
 import os
@@ -38,6 +39,10 @@ def test_dgr_accuracy_known_answer():
     assert pooled == 75.0                             # 9 of 12 agree
     acc, share, pooled = dgr.dgr_accuracy(assigned, judged, [0, 1, 2], 4, "budget")
     assert acc == {0: 75.0, 1: 100.0, 2: 0.0}        # min(g, n) / n
+    # a NaN image is -1 to both: in no class's share, never an agreement
+    acc, share, pooled = dgr.dgr_accuracy(torch.tensor([0, -1]), torch.tensor([0, -1]),
+                                          [0, 1], 1, "assigned")
+    assert acc == {0: 100.0, 1: 0.0} and share == {0: 50.0, 1: 0.0} and pooled == 50.0
     # a class drawn rarely: perfect under "assigned", 1 of 4 under "budget"
     acc, _, _ = dgr.dgr_accuracy(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 1]),
                                  [0, 1], 2, "assigned")
@@ -57,18 +62,19 @@ class ValueReader(nn.Module):
 
 
 class Painter(nn.Module):
-    """A hand-built unconditional generator: noise z draws class 1 (z_0 > 0) or class 2
-    (z_0 <= 0), painted as the constant c / 10 + w; with `nan_rows`, the images with
-    z_0 < -1 (about 16%) are NaN."""
+    """A hand-built unconditional generator: noise z draws class 1 (z_0 > split) or class 2
+    (z_0 <= split), painted as the constant c / 10 + w; with `nan_rows`, the images with
+    z_0 < -1 (about 16%) are NaN. It records whether autograd was on when it drew."""
     nz = 4
 
-    def __init__(self, nan_rows=False):
+    def __init__(self, nan_rows=False, split=0.0):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(()))
-        self.nan_rows = nan_rows
+        self.nan_rows, self.split, self.grad_on = nan_rows, split, []
 
     def forward(self, z):
-        c = torch.where(z[:, 0] > 0, 1.0, 2.0)
+        self.grad_on.append(torch.is_grad_enabled())
+        c = torch.where(z[:, 0] > self.split, 1.0, 2.0)
         if self.nan_rows:
             c = torch.where(z[:, 0] < -1, torch.nan, c)
         return (c / 10 + self.w).view(-1, 1, 1, 1).expand(-1, 1, 32, 32)
@@ -85,15 +91,10 @@ def new_results():
     return {"share": [], "pooled_acc": [], "solver_acc_matrix": [], "A": []}
 
 
-def test_measure_assigns_with_the_solver_and_scores_with_the_evaluator():
-    """After task 3 of [0], [1], [2], a generator that has forgotten class 0: Acc_0 = 0 with
-    share 0; Acc_1 = 100; class 2 holds the NaN images, which the solver calls 2 and the
-    evaluator never counts as a digit (without that guard Acc_2 would read 100)."""
-    torch.manual_seed(0)
-    dev = torch.device("cpu")
-    env = argparse.Namespace(device=dev, evaluator=ValueReader(), test=PaintedTest(),
-                             tasks=[[0], [1], [2]])
-    args = argparse.Namespace(eval_samples=500, batch_size=64, dgr_acc="assigned")
+def measure_setup(dgr_acc):
+    env = argparse.Namespace(device=torch.device("cpu"), evaluator=ValueReader(),
+                             test=PaintedTest(), tasks=[[0], [1], [2]])
+    args = argparse.Namespace(eval_samples=500, batch_size=64, dgr_acc=dgr_acc)
     results = new_results()
     results.update(share=[[100.0], [50.0, 50.0]], pooled_acc=[100.0, 100.0],
                    solver_acc_matrix=[[100.0, None, None], [100.0, 100.0, None]],
@@ -101,38 +102,98 @@ def test_measure_assigns_with_the_solver_and_scores_with_the_evaluator():
     S = dgr.Solver(1, 10, width=4)
     S.net = ValueReader()
     S.learned[[0, 1, 2]] = True
-    acc = dgr.make_measure(Painter(nan_rows=True), S, env, args, results)([0, 1, 2])
+    return env, args, results, S
+
+
+def test_measure_assigns_with_the_solver_and_scores_with_the_evaluator():
+    """After task 3 of [0], [1], [2], a generator that has forgotten class 0 and draws about
+    16% NaN images: Acc_0 = 0 with share 0; every image the solver calls 1 or 2 is one; the
+    NaN images are in no class's share and no agreement (the solver would call them 2 and
+    the evaluator too, without the guard); no autograd graph is built."""
+    torch.manual_seed(0)
+    env, args, results, S = measure_setup("assigned")
+    G = Painter(nan_rows=True)
+    acc = dgr.make_measure(G, S, env, args, results)([0, 1, 2])
     share = dict(zip([0, 1, 2], results["share"][2]))
-    assert acc[0] == 0.0 and share[0] == 0.0       # forgotten: no image is called 0
-    assert acc[1] == 100.0 and 45 < share[1] < 55   # every image called 1 is a 1
-    assert share[1] + share[2] == pytest.approx(100.0)
-    assert 55 < acc[2] < 80                          # ~ (50 - 16) / 50: NaN images miss
-    assert results["pooled_acc"][2] == pytest.approx(100 - share[2] * (100 - acc[2]) / 100)
+    assert acc == {0: 0.0, 1: 100.0, 2: 100.0} and share[0] == 0.0
+    assert 45 < share[1] < 55 and 75 < share[1] + share[2] < 92  # ~16% NaN: no class's
+    assert results["pooled_acc"][2] == pytest.approx(share[1] + share[2])
     assert results["A"][2] == 100.0 and results["solver_acc_matrix"][2] == [100.0] * 3
+    assert G.grad_on and not any(G.grad_on)
+
+
+def test_measure_budget_reading_scores_a_rare_class_by_its_share():
+    """Class 2 drawn ~16% of the time (z_0 <= -1): perfect under --dgr-acc assigned, its
+    confirmed images out of --eval-samples under budget: 3 x its share with 3 classes."""
+    for reading in ("assigned", "budget"):
+        torch.manual_seed(0)
+        env, args, results, S = measure_setup(reading)
+        acc = dgr.make_measure(Painter(split=-1.0), S, env, args, results)([0, 1, 2])
+        share = results["share"][2]
+        if reading == "assigned":
+            assert acc == {0: 0.0, 1: 100.0, 2: 100.0}
+        else:
+            assert acc[0] == 0.0 and acc[1] == 100.0 and 35 < acc[2] < 60
+            assert acc[2] == pytest.approx(3 * share[2])
 
 
 def test_solver_labels_replays_with_the_frozen_previous_solver():
-    """solver_step's target for a replayed image is S_{t-1}'s prediction among ITS learned
-    classes: with S_{t-1} (learned 0, 1) and S (learned 0, 1, 2) disagreeing, the loss is
-    the cross-entropy against S_{t-1}'s labels, not S's."""
+    """solver_step's targets for the replayed rows are S_{t-1}'s predictions of THOSE rows
+    among ITS learned classes: S_{t-1} reads each painted replay (0, 1, 0, 1), S calls
+    every image 0; the loss is the cross-entropy against S_{t-1}'s labels."""
     torch.manual_seed(0)
     S = dgr.Solver(1, 10, width=4).eval()  # eval: no dropout, the loss depends on labels only
     S.learned[[0, 1, 2]] = True
-    S_prev = dgr.Solver(1, 10, width=4)
-    S_prev.learned[[0, 1]] = True
-    with torch.no_grad():  # S_{t-1} calls every image 1 (and would say 5, had it learned 5);
-        S_prev.net.head.bias[[1, 5]] = 50.0  # S calls every image 0
+    with torch.no_grad():
         S.net.head.bias[0] = 50.0
-    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    S_prev = dgr.Solver(1, 10, width=4)
+    S_prev.net = ValueReader()
+    S_prev.learned[[0, 1]] = True
+    paint = torch.tensor([2, 2, 2, 2, 0, 1, 0, 1]) / 10   # 4 real rows of class 2, 4 replays
+    x = paint.view(-1, 1, 1, 1).expand(-1, 1, 32, 32)
     y = torch.full((4,), 2)
     labels_prev = S_prev.predict(x[4:])
-    assert labels_prev.tolist() == [1] * 4  # among its learned classes only
+    assert labels_prev.tolist() == [0, 1, 0, 1]
     with torch.no_grad():
         expect = F.cross_entropy(S(x), torch.cat([y, labels_prev])).item()
         wrong = F.cross_entropy(S(x), torch.cat([y, S.predict(x[4:])])).item()
-    assert expect != pytest.approx(wrong)  # the solvers disagree: the test can tell them apart
+    assert abs(expect - wrong) > 1  # the solvers disagree: the test can tell them apart
     opt = torch.optim.SGD(S.parameters(), lr=0.0)
     assert dgr.solver_step(S, S_prev, opt, x, y).item() == pytest.approx(expect, rel=1e-6)
+
+
+class MeanCritic(nn.Module):
+    """A hand-built critic: the score is the image's mean pixel (input gradient 1/HW per
+    pixel, norm 1/32 at 32 x 32); it records the batches it scores."""
+    fast = False
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(len(x))
+        return x.flatten(1).mean(1) + self.b, None
+
+
+def test_critic_and_generator_losses_known_answer():
+    """Eq. (5) without the class on a joined batch of 128 real rows (value 0.1) against 128
+    fakes (0.5): E[D(fake)] - E[D(real)] + 10 (1/32 - 1)^2; Eq. (2): -E[D(G(z))] over 128
+    images, drawn as two batches of 64."""
+    torch.manual_seed(0)
+    G, D = Painter(split=-1e9), MeanCritic()  # G paints 0.1 everywhere; shifted to 0.5:
+    with torch.no_grad():
+        G.w.fill_(0.4)
+    args = argparse.Namespace(batch_size=64, lambda_gp=10.0)
+    opt = torch.optim.SGD(D.parameters(), lr=0.0)
+    x = torch.full((128, 1, 32, 32), 0.1)
+    loss = dgr.critic_step(G, D, opt, x, args).item()
+    assert loss == pytest.approx(0.5 - 0.1 + 10 * (1 / 32 - 1) ** 2, rel=1e-5)
+    assert D.seen[0] == 256  # 128 real + 128 fakes in one pass
+    G.grad_on.clear()
+    loss = dgr.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), 128, args)
+    assert loss.item() == pytest.approx(-0.5) and len(G.grad_on) == 2  # 2 batches of 64
 
 
 def test_replays_come_from_the_frozen_previous_generator_and_solver(synth_eval, monkeypatch):
@@ -158,6 +219,7 @@ def test_replays_come_from_the_frozen_previous_generator_and_solver(synth_eval, 
         return torch.zeros(())
 
     def spy_solver(S_, S_prev, opt, x, y):
+        assert torch.equal(x, seen["x"][-1])  # the last critic step's joined batch
         seen["solver"].append((S_prev, y.clone()))
         return torch.zeros(())
     monkeypatch.setattr(dgr, "critic_step", spy_critic)
@@ -189,9 +251,8 @@ def test_dgr_runs_end_to_end_and_resumes_bit_identically(data_root, tmp_path):
     assert a["method"] == "dgr" and a["classes"] == [0, 1, 2] and a["tasks_done"] == 3
     assert len(a["acc_matrix"]) == 3 and a["acc_matrix"][0][1] is None
     assert [len(s) for s in a["share"]] == [1, 2, 3]
-    assert all(sum(s) <= 100.0 + 1e-6 for s in a["share"])
+    assert all(sum(s) == pytest.approx(100.0) for s in a["share"])  # seen classes only
     assert len(a["A"]) == 3 and a["solver_acc_matrix"][1][2] is None
-    assert a["A"][0] == 100.0  # one class learned: the solver can only say 0
     for name in ("args.json", "samples_task1.png", "samples_task3.png", "samples.gif",
                  "checkpoint.pt"):
         assert (tmp_path / "a" / name).exists(), name
