@@ -891,8 +891,7 @@ class TaskRun:
 
     `models` (nn.Modules) and `extra` (plain data the method fills in, e.g. its own metrics)
     are checkpointed with every RNG state, restored on --resume; `extra` joins metrics.json.
-    `measure(seen)` -> {class: Acc %} replaces MeRGAN's Acc (`generated_accuracy` of
-    `generate`) for a generator that cannot be asked for a class (dgr.py)."""
+    `measure(seen)` -> {class: Acc %} replaces `generated_accuracy` (dgr.py: no classes in G)."""
 
     def __init__(self, args, env, method, models, generate, nz=128, extra=None, measure=None):
         self.args, self.env, self.method, self.models = args, env, method, models
