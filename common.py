@@ -428,13 +428,13 @@ def gradient_penalty(critic_fn, real, fake, input_gradient=None):
     Plain: autograd's double backward through `critic_fn(x)` (one score per sample). SPEED
     BRANCH: `input_gradient(x)` gives the same gradient written out (mergan_nets.Critic)."""
     eps = torch.rand(len(real), *([1] * (real.dim() - 1)), device=real.device)
-    x_hat = eps * real.detach() + (1 - eps) * fake.detach()
+    x_hat = torch.lerp(fake.detach(), real.detach(), eps)  # eps*real + (1-eps)*fake, 1 op
     if input_gradient is None:  # plain: autograd
         x_hat.requires_grad_(True)
         (grad,) = torch.autograd.grad(critic_fn(x_hat).sum(), x_hat, create_graph=True)
     else:                       # SPEED BRANCH: the same gradient, written out
         grad = input_gradient(x_hat)
-    norm = grad.flatten(1).square().sum(1).add(1e-12).sqrt()
+    norm = grad.square().sum(tuple(range(1, grad.dim()))).add(1e-12).sqrt()  # per sample
     return (norm - 1).square().mean()
 
 
@@ -448,21 +448,24 @@ def generate_class(generate, c, n, nz, device, batch=64):
 
 # Speed on a GPU: one training iteration recorded in a CUDA graph and replayed
 def add_cuda_graph_arg(parser):
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                         help="on CUDA, record one training iteration in a CUDA graph and "
-                             "replay it (GraphedStep); --no-cuda-graphs, and the CPU: the "
-                             "plain eager loop")
+                             "replay it (GraphedStep). Off by default, and always on the CPU: "
+                             "the eager loop, until benchmarks/gpu_check.sh has passed on a "
+                             "GPU")
 
 
 def use_cuda_graphs(args, device):
     return device.type == "cuda" and getattr(args, "cuda_graphs", False)
 
 
-def adam(module, lr, betas, device):
-    """Adam; on CUDA with its step counter on the device (`capturable`), so that a CUDA graph
-    can replay the update (and the eager loop does the same arithmetic)."""
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas,
-                            capturable=device.type == "cuda")
+def adam(module, lr, betas, plain=False, graphed=False):
+    """torch.optim.Adam. SPEED BRANCH (default): `fused`, one kernel updates every parameter
+    (plus one for the step counters, kept on the device) where the plain for-loop form
+    (plain=True, --plain-step) runs about 15 per parameter: the same update to float
+    rounding (tests compare). graphed: `capturable`, so that a CUDA graph may record it."""
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=not plain,
+                            capturable=graphed)
 
 
 class GraphedStep:
@@ -496,10 +499,12 @@ class GraphedStep:
                 cause = err.__context__ or err
                 why = (str(cause).strip().splitlines() or [""])[0]
                 raise UserError(f"CUDA graph recording of the training iteration failed "
-                                f"({type(cause).__name__}: {why}); rerun with "
-                                "--no-cuda-graphs (with --resume to continue after the last "
+                                f"({type(cause).__name__}: {why}); rerun without "
+                                "--cuda-graphs (with --resume to continue after the last "
                                 "finished task)") from err
             self.graph, self.out = graph, out
+            print("CUDA graph recorded: the training iteration is replayed from here on",
+                  flush=True)
         self.graph.replay()
         return self.out
 

@@ -125,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--to-32px", default="resize", choices=["resize", "pad"],
                    help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, the "
                         "DGM authors') or pad (zero border, MeRGAN's)")
-    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
+    C.add_cuda_graph_arg(p)  # --cuda-graphs / --no-cuda-graphs (default)
     args = C.parse_run_args(p, argv, run_flags=("cuda_graphs",))
     if args.dataset == "folder" and args.image_size is None:
         args.image_size = 32  # the authors' ImageNet-50 run is at 32x32
@@ -528,10 +528,10 @@ def train_step(G, D, opt_G, opt_D, task, x, y, args, masked=True):
             "cls_loss": cls_loss.detach()}
 
 
-def adam(module, lr, device=torch.device("cpu")):
-    """Adam, betas (0.5, 0.999) (authors); on CUDA with its step counter on the device
-    (C.adam), so that a CUDA graph can replay the update."""
-    return C.adam(module, lr, (0.5, 0.999), device)
+def adam(module, lr, graphed=False):
+    """Adam, betas (0.5, 0.999) (authors); fused, and `capturable` when a CUDA graph records
+    the update (C.adam)."""
+    return C.adam(module, lr, (0.5, 0.999), graphed=graphed)
 
 
 def task_iterations(args, env, t):
@@ -591,7 +591,8 @@ def train_task(t, G, D, env, args, generate, results):
         replay = build_replay(generate, prev, n, G.nz, dev)
     assert G.add_task() == t
     D.reset(keep_body=args.keep_d and t > 0)
-    opt_G, opt_D = adam(G, args.lr, dev), adam(D, args.lr, dev)  # fresh every task
+    graphed = C.use_cuda_graphs(args, dev)  # --cuda-graphs on a CUDA device
+    opt_G, opt_D = adam(G, args.lr, graphed), adam(D, args.lr, graphed)  # fresh every task
     # The mask slopes s and s_ep live on the device, refilled before every iteration, so
     # that one recorded iteration serves every s (CUDA graphs). float64, like the Python
     # floats they replace: the arithmetic is the same to the last bit.
@@ -607,9 +608,9 @@ def train_task(t, G, D, env, args, generate, results):
         x, y = env.train.batch(args.batch_size, tasks[t])
         return train_step(G, D, opt_G, opt_D, task, x, y, args)
 
-    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
-    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, dev))
+    step = C.GraphedStep(iteration, graphed)
     checks = {} if env.val is None else validation_checks(iters, args.epochs, args.val_every)
     best = BestValidation()
     for it in range(iters):

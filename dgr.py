@@ -98,13 +98,11 @@ def draw(G, n, batch, device):
 # ------------------------------------------------------------------------------------------
 # One training iteration: critic steps on the joined batch, a generator step, a solver step
 # ------------------------------------------------------------------------------------------
-def critic_step(G, D, opt_D, x, args):
+def critic_step(D, opt_D, x, fake, args):
     """WGAN-GP critic update (MeRGAN Eq. 5 without the class: DGR's GAN is unconditional):
     x is the current task's real batch joined by the replays of G_{t-1}, which count as
-    real data; the fakes are as many images of G in batches of --batch-size. The gradient
-    penalty is over every real row: the data distribution is the joined set."""
-    with torch.no_grad():  # the fake batch needs no graph in a critic step
-        fake = draw(G, len(x), args.batch_size, x.device)
+    real data; the fakes are as many images of G, in batches of --batch-size (train_task).
+    The gradient penalty is over every real row: the data distribution is the joined set."""
     score, _ = D(torch.cat([x, fake]))  # one pass: the critic has no batch norm
     fast_grad = D.input_gradient if D.fast else None  # SPEED BRANCH, as in MeRGAN's scripts
     gp = C.gradient_penalty(lambda v: D(v)[0], x, fake, fast_grad)
@@ -116,9 +114,12 @@ def critic_step(G, D, opt_D, x, args):
 
 
 def generator_step(G, D, opt_G, n, args):
-    """WGAN generator update, MeRGAN Eq. (2) without the class: -E[D(G(z))] over n images."""
+    """WGAN generator update, MeRGAN Eq. (2) without the class: -E[D(G(z))] over n images
+    in batches of --batch-size."""
     D.requires_grad_(False)  # no weight gradients for D in the generator step
-    loss = -D(draw(G, n, args.batch_size, next(G.parameters()).device))[0].mean()  # Eq. (2)
+    z = torch.randn(n, G.nz, device=next(G.parameters()).device)
+    x = M.draw_batches(G, z, None, args.batch_size, plain=args.plain_step)
+    loss = -D(x)[0].mean()  # Eq. (2)
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
     opt_G.step()
@@ -145,32 +146,42 @@ def train_task(t, G, D, S, env, args):
     solver on the same joined batch, the replays labelled by S_{t-1}. Adam's states are
     re-initialised at every task (as MeRGAN's authors do for the GAN)."""
     task, n, dev = env.tasks[t], args.batch_size, env.device
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), dev) for m in (G, D))  # MeRGAN's
-    opt_S = C.adam(S, args.solver_lr, (0.9, 0.999), dev)
+    graphed = C.use_cuda_graphs(args, dev)  # --cuda-graphs on a CUDA device
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), args.plain_step, graphed)  # MeRGAN's
+                    for m in (G, D))
+    opt_S = C.adam(S, args.solver_lr, (0.9, 0.999), args.plain_step, graphed)
     G_prev = S_prev = None
     if t > 0:  # the previous scholar, frozen: the source of replays and of their labels
         G_prev = copy.deepcopy(G).requires_grad_(False)
         S_prev = copy.deepcopy(S).requires_grad_(False).eval()
     S.learned[task] = True  # the solver learns this task's classes from now on
 
-    def real_batch():  # the current task's real images, joined by one replayed batch
-        x, y = env.train.batch(n, task)
+    def real_batches(k):  # k batches of the current task's real images, each joined by
+        x, y = env.train.batch(k * n, task)  # one replayed batch of G_{t-1}
         if G_prev is None:
-            return x, y
+            return list(zip(x.split(n), y.split(n)))
         with torch.no_grad():
-            return torch.cat([x, draw(G_prev, n, n, dev)]), y
+            xr = M.draw_batches(G_prev, torch.randn(k * n, G.nz, device=dev), None, n,
+                                plain=args.plain_step)
+        return [(torch.cat([a, b]), c) for a, b, c in zip(x.split(n), xr.split(n), y.split(n))]
 
     def iteration():  # critic_iters critic steps, one generator step, one solver step
-        for _ in range(args.critic_iters):
-            x, y = real_batch()
-            d_loss = critic_step(G, D, opt_D, x, args)
+        # G and G_{t-1} are fixed during the critic steps: their real batches (replays
+        # included) and their fakes (batch-norm batches of n rows) are drawn at once
+        batches = real_batches(args.critic_iters)
+        m = len(batches[0][0])
+        with torch.no_grad():  # the fakes need no graph in a critic step
+            fakes = M.draw_batches(G, torch.randn(len(batches) * m, G.nz, device=dev), None,
+                                   n, plain=args.plain_step)
+        for (x, y), fake in zip(batches, fakes.split(m)):
+            d_loss = critic_step(D, opt_D, x, fake, args)
         g_loss = generator_step(G, D, opt_G, len(x), args)
         s_loss = solver_step(S, S_prev, opt_S, x, y)  # the last critic step's batch
         return {"d_loss": d_loss, "g_loss": g_loss, "s_loss": s_loss}
 
-    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
-    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, dev))
+    step = C.GraphedStep(iteration, graphed)
     progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())

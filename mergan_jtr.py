@@ -94,15 +94,18 @@ def parse_args(argv=None):
 # Memory replay
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def replay_batch(G_prev, prev_classes, batch_size, nz, device, reduce_batch=True):
+def replay_batch(G_prev, prev_classes, batch_size, nz, device, reduce_batch=True, steps=1,
+                 plain=False):
     """One replayed minibatch covering all earlier classes, drawn from the frozen G_{t-1}:
     batch_size // n_prev samples per earlier class (the authors' digits, REDUCE_BATCH on),
     or batch_size each (their LSUN setting, reduce_batch=False). Conditional BN uses
-    per-class statistics, so this equals one single-class batch per class."""
+    per-class statistics, so this equals one single-class batch per class. steps > 1: that
+    many such minibatches one after the other, drawn in one call (M.draw_batches)."""
     per = max(1, batch_size // len(prev_classes)) if reduce_batch else batch_size
     # as_tensor: a label tensor already on the device is used as is (no copy per step)
     y = torch.as_tensor(prev_classes, device=device).repeat_interleave(per)
-    return G_prev(torch.randn(len(y), nz, device=device), y), y
+    z = torch.randn(steps * len(y), nz, device=device)
+    return M.draw_batches(G_prev, z, y.repeat(steps), len(y), plain=plain), y.repeat(steps)
 
 
 def class_weights(n_cur, y_replay, earlier_scale=1.0):
@@ -225,17 +228,17 @@ def fisher_information(G, D, classes, n, lambda_cls, batch=50):
 # What sets the modes apart, in one place
 # ------------------------------------------------------------------------------------------
 # Sequential fine-tuning (SFT, Eqs. 7-8): the plain conditional WGAN-GP on the current task.
-PLAIN = argparse.Namespace(real_batch=None, w=None, fake_labels=lambda y: y, bn_groups=None,
+PLAIN = argparse.Namespace(real_batches=None, w=None, fake_labels=lambda y: y, bn_groups=None,
                            penalty=None)
 
 
 def task_mode(t, G, env, args, ewc=None):
     """How task t's iteration differs from SFT in each mode (PLAIN where it does not):
 
-      real_batch()    the critic's real minibatch: the current task's images (first
-                      args.batch_size rows), joined by replays of every earlier class from
-                      the frozen G_{t-1} (jtr: S'_t, Eq. 10) or by their real images
-                      (cumulative: the ideal replay, not the paper's JT);
+      real_batches(k) the critic's real minibatches (x, y) of k critic steps: the current
+                      task's images (first args.batch_size rows), joined by replays of every
+                      earlier class from the frozen G_{t-1} (jtr: S'_t, Eq. 10) or by their
+                      real images (cumulative: the ideal replay, not the paper's JT);
       w               jtr: the authors' per-class row weights of Eq. (11), else None;
       fake_labels(y)  jt: fresh labels drawn uniformly over the task's classes, independent
                       of the real ones (joint.py); else y, as mergan.py;
@@ -243,25 +246,33 @@ def task_mode(t, G, env, args, ewc=None):
       penalty()       ewc from the second task on: Eq. (9)'s regulariser."""
     task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
     n, dev = args.batch_size, env.device
-    mode = argparse.Namespace(**dict(vars(PLAIN), real_batch=lambda: env.train.batch(n, task)))
+
+    def joined(x, y, xr, yr, k):  # k minibatches: step i's rows of x, y, then of xr, yr
+        return [(torch.cat([a, b]), torch.cat([c, d])) for a, b, c, d in
+                zip(x.split(n), xr.split(len(xr) // k), y.split(n), yr.split(len(yr) // k))]
+    def own_batches(k):  # the current task's real images only
+        x, y = env.train.batch(k * n, task)
+        return list(zip(x.split(n), y.split(n)))
+    mode = argparse.Namespace(**dict(vars(PLAIN), real_batches=own_batches))
     if args.mode == "jtr" and prev:
         G_prev = copy.deepcopy(G).requires_grad_(False)  # G_{t-1}, a frozen copy (Eq. 10)
         prev_y = torch.tensor(prev, dtype=torch.long, device=dev)  # once, not per step
 
-        def real_batch():  # S'_t (Eq. 10): real images of task t + replays from G_{t-1}
-            x, y = env.train.batch(n, task)
-            xr, yr = replay_batch(G_prev, prev_y, n, G.nz, dev, args.reduce_batch)
-            return torch.cat([x, xr]), torch.cat([y, yr])
-        mode.real_batch, mode.w = real_batch, jtr_weights(args, prev, dev)
+        def real_batches(k):  # S'_t (Eq. 10): real images of task t + replays from G_{t-1}
+            x, y = env.train.batch(k * n, task)
+            xr, yr = replay_batch(G_prev, prev_y, n, G.nz, dev, args.reduce_batch, k,
+                                  args.plain_step)
+            return joined(x, y, xr, yr, k)
+        mode.real_batches, mode.w = real_batches, jtr_weights(args, prev, dev)
     elif args.mode == "cumulative" and prev:
-        def real_batch():  # real images of task t + real images of the earlier classes
-            x, y = env.train.batch(n, task)
-            xr, yr = env.train.batch(n, prev)
-            return torch.cat([x, xr]), torch.cat([y, yr])
-        mode.real_batch = real_batch
+        def real_batches(k):  # real images of task t + real images of the earlier classes
+            x, y = env.train.batch(k * n, task)
+            xr, yr = env.train.batch(k * n, prev)
+            return joined(x, y, xr, yr, k)
+        mode.real_batches = real_batches
     elif args.mode == "jt":  # the paper's JT: one task holding every class (joint.py)
         task_y = torch.tensor(task, dtype=torch.long, device=dev)
-        mode.fake_labels = lambda y: uniform_labels(task_y, n)
+        mode.fake_labels = lambda y: uniform_labels(task_y, len(y))
         mode.bn_groups = (torch.zeros(n, dtype=torch.long, device=dev), 1)
     elif args.mode == "ewc" and t > 0:
         fisher, anchor = ewc.get("F_"), ewc.get("theta_")  # F_{t-1}, theta_{t-1}
@@ -272,16 +283,13 @@ def task_mode(t, G, env, args, ewc=None):
 # ------------------------------------------------------------------------------------------
 # One training iteration: critic steps, then a generator step
 # ------------------------------------------------------------------------------------------
-def critic_step(G, D, opt_D, x, y, n_cur, args, mode=PLAIN):
-    """One critic/classifier update on the real batch x, y (task_mode's real_batch).
+def critic_step(D, opt_D, x, y, fake, n_cur, args, mode=PLAIN):
+    """One critic/classifier update on the real batch x, y (task_mode's real_batches)
+    against as many fakes G(z, fake_labels(y)).
 
     The first n_cur rows are the current task's real images; replays (JTR) and earlier
     classes' real images (cumulative) count as real data for the critic and the classifier;
     the gradient penalty uses the current task's rows only (authors)."""
-    y_fake = mode.fake_labels(y)
-    with torch.no_grad():  # the fake batch needs no graph in a critic step
-        z = torch.randn(len(y_fake), G.nz, device=x.device)
-        fake = G(z, y_fake) if mode.bn_groups is None else G(z, y_fake, *mode.bn_groups)
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     s_real, s_fake = score[:len(y)], score[len(y):]
     # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
@@ -332,20 +340,29 @@ def train_task(t, G, D, env, args, ewc=None):
     """Train task t. Adam's state is re-initialised at every task, as the authors do.
     --mode ewc: `ewc` (an EWCState) holds F_{t-1} and theta_{t-1}; after the task it is
     refilled with F_t and theta_t for the next."""
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # paper
+    graphed = C.use_cuda_graphs(args, env.device)  # --cuda-graphs on a CUDA device
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), args.plain_step, graphed)  # paper's betas
+                    for m in (G, D))
     mode = task_mode(t, G, env, args, ewc)  # what this mode changes (Eqs. 9-11, JT)
 
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
-        for _ in range(args.critic_iters):
-            x, y = mode.real_batch()
-            d_gan, d_cls = critic_step(G, D, opt_D, x, y, args.batch_size, args, mode)
+        # G and G_{t-1} are fixed during the critic steps: their real batches (replays
+        # included), and their fakes (each step's own batch-norm batch), are drawn at once
+        batches = mode.real_batches(args.critic_iters)
+        labels = mode.fake_labels(torch.cat([y for _, y in batches]))
+        with torch.no_grad():  # the fakes need no graph in a critic step
+            fakes = M.draw_batches(G, torch.randn(len(labels), G.nz, device=labels.device),
+                                   labels, len(batches[0][1]), mode.bn_groups is None,
+                                   args.plain_step)
+        for (x, y), fake in zip(batches, fakes.split(len(batches[0][1]))):
+            d_gan, d_cls = critic_step(D, opt_D, x, y, fake, args.batch_size, args, mode)
         g_gan, g_cls, pen = generator_step(G, D, opt_G, y, args, mode)
         losses = {"d_loss": d_gan, "d_cls": d_cls, "g_loss": g_gan, "g_cls": g_cls}
         return dict(losses, ewc_penalty=pen) if args.mode == "ewc" else losses
 
-    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
-    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, env.device))
+    step = C.GraphedStep(iteration, graphed)
     progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())

@@ -52,7 +52,7 @@ def add_mergan_args(p, table2=True):
     p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
                    "autograd's gradient penalty and plain 5x5 convolutions, without the "
                    "digit nets' speed branches (same numbers to float rounding, slower)")
-    C.add_cuda_graph_arg(p)  # --cuda-graphs (default) / --no-cuda-graphs
+    C.add_cuda_graph_arg(p)  # --cuda-graphs / --no-cuda-graphs (default)
 
 
 RUN_FLAGS = ("cuda_graphs", "final_metrics", "inception_fid")  # may change on --resume
@@ -80,12 +80,20 @@ def authors_iters(dataset):
     return {"svhn": 8001, "synth-color": 8001, "lsun": 20001}.get(dataset, 4001)
 
 
+# Devices on which conv5_s2 / conv_transpose5_s2 regroup; elsewhere (a GPU, whose cuDNN
+# kernels need no help) they are the plain ops: the regrouping would add about 120 kernel
+# launches per MeRGAN iteration (benchmarks/op_count.py).
+SPACE_TO_DEPTH = ("cpu",)
+
+
 def conv5_s2(x, weight, bias=None):
-    """F.conv2d(x, weight, bias, stride=2, padding=2) for a 5x5 kernel, computed as a 3x3
-    stride-1 convolution over 2x2 pixel blocks ("space-to-depth"): the kernel is padded to
-    6x6 and image and kernel are regrouped into 4x the channels. The same sums (tests
-    compare), but about 2.5x faster on the CPU when x has 1-3 channels, where oneDNN's 5x5
-    stride-2 kernels are slow. Used for the critic's first layer."""
+    """F.conv2d(x, weight, bias, stride=2, padding=2) for a 5x5 kernel, computed on the CPU
+    as a 3x3 stride-1 convolution over 2x2 pixel blocks ("space-to-depth"): the kernel is
+    padded to 6x6 and image and kernel are regrouped into 4x the channels. The same sums
+    (tests compare), but about 2.5x faster on the CPU when x has 1-3 channels, where
+    oneDNN's 5x5 stride-2 kernels are slow. Used for the critic's first layer."""
+    if x.device.type not in SPACE_TO_DEPTH:
+        return F.conv2d(x, weight, bias, stride=2, padding=2)
     w = F.pixel_unshuffle(F.pad(weight, (0, 1, 0, 1)), 2)        # out x 4in x 3 x 3
     return F.conv2d(F.pixel_unshuffle(F.pad(x, (2, 2, 2, 2)), 2), w, bias)
 
@@ -95,6 +103,8 @@ def conv_transpose5_s2(x, weight, bias=None):
     adjoint of `conv5_s2`, computed the same way (transposed 3x3 conv to 4x the channels,
     then pixel shuffle and crop). Used for the generator's last layer (1-3 output
     channels) and the first layer of the critic's input gradient."""
+    if x.device.type not in SPACE_TO_DEPTH:
+        return F.conv_transpose2d(x, weight, bias, stride=2, padding=2, output_padding=1)
     w = F.pixel_unshuffle(F.pad(weight, (0, 1, 0, 1)), 2)        # in x 4out x 3 x 3
     h = F.pixel_shuffle(F.conv_transpose2d(x, w), 2)[:, :, 2:-2, 2:-2]
     return h if bias is None else h + bias.view(1, -1, 1, 1)
@@ -123,21 +133,36 @@ class CondBatchNorm2d(nn.Module):
         self.scale = nn.Parameter(torch.ones(k, channels))
         self.offset = nn.Parameter(torch.zeros(k, channels))
 
-    def forward(self, x, y=None, groups=None, n_groups=None):
+    def grouping(self, y=None, groups=None, n_groups=None, dtype=torch.float32):
+        """Which rows share statistics, as (group id per row, K x N matrix that averages the
+        rows of each group); None: the whole batch (plain BN). A generator computes it once
+        per forward and gives it to each of its layers (`normalise`)."""
         if groups is None and (y is None or not self.n_classes or self.n_classes == 1):
-            return F.batch_norm(x, None, None, self.scale[0], self.offset[0], training=True,
-                                eps=self.eps)
+            return None
         if groups is None:  # the default: statistics per class
             groups, n_groups = y, self.n_classes
-        onehot = F.one_hot(groups, n_groups).to(x.dtype)                   # N x K
-        count = onehot.sum(0).clamp(min=1).unsqueeze(1)                     # K x 1
-        mean = (onehot.T @ x.mean((2, 3)) / count)[groups][:, :, None, None]  # group means
+        member = (groups == torch.arange(n_groups, device=groups.device)[:, None]).to(dtype)
+        return groups, member / member.sum(1, keepdim=True).clamp(min=1)           # K x N
+
+    def forward(self, x, y=None, groups=None, n_groups=None):
+        return self.normalise(x, y, self.grouping(y, groups, n_groups, x.dtype))
+
+    def normalise(self, x, y, grouping):
+        if grouping is None:
+            return F.batch_norm(x, None, None, self.scale[0], self.offset[0], training=True,
+                                eps=self.eps)
+        groups, average = grouping
+        n, c = x.shape[:2]
+        mean = (average @ x.mean((2, 3)))[groups].view(n, c, 1, 1)  # each row's group mean
         centred = x - mean
-        var = (onehot.T @ centred.square().mean((2, 3)) / count)[groups]   # biased, as BN
+        var = (average @ centred.square().mean((2, 3)))[groups]     # biased, as BN
         # normalise, scale and shift in one pass: centred * (scale / std) + offset
-        rows = y if len(self.scale) > 1 else torch.zeros_like(groups)
-        a = self.scale[rows] * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.offset[rows][:, :, None, None], centred, a[:, :, None, None])
+        if len(self.scale) > 1:  # per class
+            scale, offset = self.scale[y], self.offset[y].view(n, c, 1, 1)
+        else:
+            scale, offset = self.scale[0], self.offset[0].view(1, c, 1, 1)
+        a = (scale * torch.rsqrt(var + self.eps)).view(n, c, 1, 1)
+        return torch.addcmul(offset, centred, a)
 
 
 class Generator(nn.Module):
@@ -157,7 +182,7 @@ class Generator(nn.Module):
         if 4 * 2 ** n_up != image_size:
             raise C.UserError(f"image size {image_size} must be 4 x a power of two (32, 64)")
         widths = [dim * 2 ** i for i in reversed(range(n_up))]   # e.g. [128, 64, 32]
-        self.nz, self.top = nz, widths[0]
+        self.nz, self.top, self.n_classes = nz, widths[0], n_classes
         self.fc = nn.Linear(nz, 4 * 4 * widths[0])
         self.bns = nn.ModuleList([CondBatchNorm2d(w, n_classes) for w in widths])
         self.ups = nn.ModuleList(
@@ -169,13 +194,36 @@ class Generator(nn.Module):
         """Images for noise z and labels y; groups/n_groups: rows that share batch-norm
         statistics (default: the rows of one class; CondBatchNorm2d)."""
         h = self.fc(z).view(len(z), self.top, 4, 4)
+        grouping = self.bns[0].grouping(y, groups, n_groups, h.dtype)  # once, for every layer
         for bn, up in zip(self.bns, self.ups):
-            h = F.relu(bn(h, y, groups, n_groups))
+            h = F.relu(bn.normalise(h, y, grouping))
             if self.fast and up is self.ups[-1]:  # SPEED BRANCH: the same sums as up(h),
                 h = conv_transpose5_s2(h, up.weight, up.bias)  # faster for 1-3 channels
             else:
                 h = up(h)                          # plain: ConvTranspose2d 5x5, stride 2
         return torch.tanh(h)
+
+
+def draw_batches(G, z, y, batch, per_class=True, plain=False):
+    """G(z, y) for rows that are consecutive batches of `batch` rows, each normalised as a
+    batch of its own (per class within it; per_class=False: as one, JT's batches; y None:
+    an unconditional G): e.g. the fakes of all critic steps of an iteration, drawn at once
+    because G does not change during them.
+    Plain form (plain=True, --plain-step): one G call per batch. SPEED BRANCH: one call
+    whose batch-norm groups are the (batch, class) pairs: the same images (tests compare)
+    with the launches of one call."""
+    if plain:
+        out = []
+        for i in range(0, len(z), batch):
+            zb, yb = z[i:i + batch], None if y is None else y[i:i + batch]
+            out.append(G(zb, yb) if per_class or yb is None else
+                       G(zb, yb, torch.zeros_like(yb), 1))
+        return torch.cat(out)
+    block = torch.arange(len(z), device=z.device) // batch   # which batch each row is in
+    n_blocks = -(-len(z) // batch)
+    if y is not None and per_class and G.n_classes:
+        return G(z, y, block * G.n_classes + y, n_blocks * G.n_classes)
+    return G(z, y, block, n_blocks)
 
 
 class Critic(nn.Module):
@@ -228,7 +276,7 @@ class Critic(nn.Module):
             for i, conv in enumerate(self.convs):
                 a = conv5_s2(h, conv.weight, conv.bias) if i == 0 else conv(h)
                 masks.append(torch.where(a > 0, 1.0, 0.2))
-                h = F.leaky_relu(a, 0.2)
+                h = F.leaky_relu(a, 0.2) if i < len(self.convs) - 1 else a  # last: shape only
         g = self.critic.weight.view(1, *h.shape[1:]).expand(len(x), *h.shape[1:])
         for i in reversed(range(len(self.convs))):  # W_l^T: 5x5, stride 2, padding 2
             w = self.convs[i].weight
@@ -254,9 +302,10 @@ class ResBlockUp(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1)
 
-    def forward(self, x, y):
-        h = self.conv1(F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2))
-        h = self.conv2(F.relu(self.bn2(h, y)))
+    def forward(self, x, y, grouping=None):
+        h = self.conv1(F.interpolate(F.relu(self.bn1.normalise(x, y, grouping)),
+                                     scale_factor=2))
+        h = self.conv2(F.relu(self.bn2.normalise(h, y, grouping)))
         return F.interpolate(self.shortcut(x), scale_factor=2) + h
 
 
@@ -302,13 +351,15 @@ class ResNetGenerator(nn.Module):
         self.bn = CondBatchNorm2d(w[-1], n_classes, per_class_affine=False)
         self.out = nn.Conv2d(w[-1], channels, 3, padding=1)
 
-    def forward(self, z, y=None):
+    def forward(self, z, y=None, groups=None, n_groups=None):
+        """Images for noise z and labels y; groups/n_groups as in Generator.forward."""
+        grouping = self.bn.grouping(y, groups, n_groups, z.dtype)  # once, for every layer
         if self.n_classes:  # the authors' conditioning: the label's one-hot joins z
             z = torch.cat([z, F.one_hot(y, self.n_classes).to(z.dtype)], 1)
         h = self.fc(z).view(len(z), self.top, 4, 4)
         for block in self.blocks:
-            h = block(h, y)
-        return torch.tanh(self.out(F.relu(self.bn(h, y))))
+            h = block(h, y, grouping)
+        return torch.tanh(self.out(F.relu(self.bn.normalise(h, y, grouping))))
 
 
 class ResNetCritic(nn.Module):

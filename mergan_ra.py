@@ -87,11 +87,9 @@ def alignment_batch(prev_classes, batch_size, nz, device, reduce_batch=True):
 # ------------------------------------------------------------------------------------------
 # One training iteration: critic steps on the current task, then a generator step
 # ------------------------------------------------------------------------------------------
-def critic_step(G, D, opt_D, x, y, args):
-    """WGAN-GP critic update on the current task only; with --ra-classifier (authors) also
-    the AC classifier's CE on the current real images."""
-    with torch.no_grad():  # the fake batch needs no graph in a critic step
-        fake = G(torch.randn(len(y), G.nz, device=x.device), y)
+def critic_step(D, opt_D, x, y, fake, args):
+    """WGAN-GP critic update on the current task only, real batch x, y against the fakes
+    G(z, y); with --ra-classifier (authors) also the AC classifier's CE on the real images."""
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
     # BRANCH (the digit critic by default): its input gradient written out, the same value
@@ -139,21 +137,29 @@ def generator_step(G, G_prev, D, opt_G, y, prev, args):
 def train_task(t, G, D, env, args):
     """Train task t. Adam's state is re-initialised at every task, as the authors do."""
     task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), env.device) for m in (G, D))  # paper
+    graphed = C.use_cuda_graphs(args, env.device)  # --cuda-graphs on a CUDA device
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), args.plain_step, graphed)  # paper's betas
+                    for m in (G, D))
     # The frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if prev else None
     prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
 
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
-        for _ in range(args.critic_iters):
-            x, y = env.train.batch(args.batch_size, task)
-            d_loss = critic_step(G, D, opt_D, x, y, args)
+        # G is fixed during the critic steps: their real batches, and their fakes G(z, y)
+        # (each step's own batch-norm batch), are drawn at once (M.draw_batches)
+        n, k = args.batch_size, args.critic_iters
+        xs, ys = env.train.batch(k * n, task)
+        with torch.no_grad():  # the fakes need no graph in a critic step
+            fakes = M.draw_batches(G, torch.randn(k * n, G.nz, device=xs.device), ys, n,
+                                   plain=args.plain_step)
+        for x, y, fake in zip(xs.split(n), ys.split(n), fakes.split(n)):
+            d_loss = critic_step(D, opt_D, x, y, fake, args)
         g_loss, ra_loss = generator_step(G, G_prev, D, opt_G, y, prev_y, args)
         return {"d_loss": d_loss, "g_loss": g_loss, "ra_loss": ra_loss}
 
-    # On CUDA the iteration is recorded once in a CUDA graph and replayed (--cuda-graphs);
+    # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
-    step = C.GraphedStep(iteration, C.use_cuda_graphs(args, env.device))
+    step = C.GraphedStep(iteration, graphed)
     progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())

@@ -71,7 +71,7 @@ def main():
         torch.manual_seed(0)
         # plain: the same networks without their speed branches (as with --plain-step)
         G, D = M.Generator(fast=name == "ours").to(dev), M.Critic(fast=name == "ours").to(dev)
-        opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9), dev) for m in (G, D))
+        opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9), plain=name == "plain") for m in (G, D))
         x = torch.rand(64, 1, 32, 32, device=dev) * 2 - 1
         y = torch.zeros(64, dtype=torch.long, device=dev)
         if name == "plain":
@@ -79,8 +79,12 @@ def main():
                            plain_iteration(G, D, oG, oD, x, y))
         else:
             def step(G=G, D=D, opt_G=opt_G, opt_D=opt_D, x=x, y=y):
-                for _ in range(args.critic_iters):
-                    mergan_jtr.critic_step(G, D, opt_D, x, y, len(y), args)
+                k, n = args.critic_iters, len(y)
+                with torch.no_grad():  # the critic steps' fakes in one call, as the scripts
+                    fakes = M.draw_batches(G, torch.randn(k * n, G.nz, device=dev),
+                                           y.repeat(k), n)
+                for fake in fakes.split(n):
+                    mergan_jtr.critic_step(D, opt_D, x, y, fake, n, args)
                 mergan_jtr.generator_step(G, D, opt_G, y, args)
             steps[name] = step
         time_it(steps[name], a.warmup, dev)

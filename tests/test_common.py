@@ -3,6 +3,7 @@
 Everything here runs offline on data the code generates itself.
 """
 import argparse
+import copy
 import math
 import os
 import pathlib
@@ -258,6 +259,50 @@ def test_conditional_bn_mixed_batch_equals_single_class_batches():
         want = alone * bn.scale[c].view(1, -1, 1, 1) + bn.offset[c].view(1, -1, 1, 1)
         assert torch.allclose(mixed[y == c], want, atol=1e-5)
         assert torch.allclose(bn(x[y == c], y[y == c]), want, atol=1e-5)
+
+
+def test_generator_mixed_batch_equals_one_call_per_class():
+    # Generator.forward computes the grouping once and gives it to all its layers: a mixed
+    # batch must still be, row for row, one single-class call per class.
+    torch.manual_seed(0)
+    G = M.Generator(dim=8)
+    with torch.no_grad():
+        for bn in G.bns:
+            bn.scale.normal_(1, 0.5)
+            bn.offset.normal_(0, 0.5)
+    z, y = torch.randn(30, 128), torch.tensor([0, 2, 3] * 10)
+    mixed = G(z, y)
+    for c in (0, 2, 3):
+        assert torch.allclose(mixed[y == c], G(z[y == c], y[y == c]), atol=1e-5)
+    groups = torch.tensor([0] * 12 + [1] * 18)  # JT's form: the given rows share statistics
+    two = G(z, y, groups, 2)
+    for g in (0, 1):
+        rows = groups == g
+        assert torch.allclose(two[rows], G(z[rows], y[rows], groups[rows] * 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("net", ["digits", "digits-jt", "unconditional", "resnet"])
+def test_draw_batches_in_one_call_equals_one_call_per_batch(net):
+    # The critic steps' fakes (and JTR/DGR's replays) in one generator call: each batch of
+    # 16 rows normalised by itself (per class within it; JT: as one), the same images as
+    # one call per batch (the plain form, --plain-step), not those of one 48-row batch.
+    torch.manual_seed(0)
+    G = (M.ResNetGenerator(3, 10, dim=4, image_size=16) if net == "resnet" else
+         M.Generator(dim=8, n_classes=None if net == "unconditional" else 10))
+    for m in G.modules():
+        if isinstance(m, M.CondBatchNorm2d):
+            with torch.no_grad():
+                m.scale.normal_(1, 0.5)
+                m.offset.normal_(0, 0.5)
+    z = torch.randn(48, 128)
+    y = None if net == "unconditional" else torch.tensor([0, 1, 1, 2] * 12)
+    per_class = net != "digits-jt"
+    fast = M.draw_batches(G, z, y, 16, per_class)
+    plain = M.draw_batches(G, z, y, 16, per_class, plain=True)
+    assert fast.shape == plain.shape == (48, *G(z[:2], None if y is None else y[:2]).shape[1:])
+    assert torch.allclose(fast, plain, atol=1e-5)
+    whole = G(z, y) if per_class else G(z, y, torch.zeros_like(y), 1)
+    assert not torch.allclose(fast, whole, atol=1e-3)  # not one batch of 48
 
 
 def test_conditional_bn_groups_set_which_rows_share_statistics():
@@ -542,6 +587,17 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
         C.TaskRun(_args(tmp_path), env, "x", {"G": torch.nn.Linear(2, 2)}, generate=None)
 
 
+def test_training_the_evaluator_leaves_every_random_generator_as_found():
+    # train_classifier seeds itself (its own seed) and must not reseed the caller: the
+    # run's noise follows --seed whether the evaluator was trained or loaded from cache.
+    x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 2
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    C.train_classifier(x, y, 2, torch.device("cpu"), steps=2, width=4, batch=8, seed=123)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_rng_state_round_trip():
     C.seed_everything(7)
     state = C.rng_state()
@@ -605,6 +661,32 @@ def _fake_cuda(monkeypatch, state, fail):
         monkeypatch.setattr(torch.cuda, name, value)
 
 
+@pytest.mark.parametrize("betas", [(0.0, 0.9), (0.5, 0.999)])
+def test_fused_adam_gives_the_plain_for_loop_adams_update(betas):
+    # C.adam's speed branch (fused: two ATen calls per step for all parameters) against
+    # torch's for-loop Adam (plain=True, --plain-step), fed the same gradients for 20 steps
+    # (the plain copy's), so that only the update's arithmetic can differ: float rounding.
+    torch.manual_seed(0)
+    plain_D = M.Critic(dim=8)
+    fused_D = copy.deepcopy(plain_D)
+    start = copy.deepcopy(plain_D.state_dict())
+    plain, fused = C.adam(plain_D, 1e-3, betas, plain=True), C.adam(fused_D, 1e-3, betas)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    x = torch.rand(16, 1, 32, 32) * 2 - 1
+    for _ in range(20):
+        score, logits = plain_D(x)
+        loss = score.mean() + F.cross_entropy(logits, torch.arange(16) % 10)
+        plain.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, q in zip(plain_D.parameters(), fused_D.parameters()):
+            q.grad = p.grad.clone()
+        plain.step()
+        fused.step()
+    for (k, v), w in zip(plain_D.state_dict().items(), fused_D.state_dict().values()):
+        assert (v - start[k]).abs().max() > 5e-3, k               # every tensor moved ...
+        assert (w - v).abs().max() <= 1e-6 * (v - start[k]).abs().max(), k  # ... alike
+
+
 @pytest.mark.parametrize("fail", [None, "at the end", "inside the step"])
 def test_graphed_step_runs_exactly_one_iteration_per_call(monkeypatch, fail):
     state = {"done": 0, "recording": False, "recorded": 0}
@@ -623,7 +705,7 @@ def test_graphed_step_runs_exactly_one_iteration_per_call(monkeypatch, fail):
     outs = [graphed() for _ in range(3)]
     assert outs == [{"loss": 1}, {"loss": 2}, {"loss": 3}]  # eager warm-up
     if fail:  # recording failed: one clear line that names the way out, nothing run twice
-        with pytest.raises(C.UserError, match="--no-cuda-graphs"):
+        with pytest.raises(C.UserError, match="rerun without --cuda-graphs"):
             graphed()
         assert state["done"] == 3 and state["recorded"] == 1
         return

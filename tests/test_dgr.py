@@ -70,10 +70,11 @@ class Painter(nn.Module):
     def __init__(self, nan_rows=False, split=0.0):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(()))
-        self.nan_rows, self.split, self.grad_on = nan_rows, split, []
+        self.nan_rows, self.split, self.grad_on, self.groups = nan_rows, split, [], []
 
-    def forward(self, z):
+    def forward(self, z, y=None, groups=None, n_groups=None):  # y is None: unconditional
         self.grad_on.append(torch.is_grad_enabled())
+        self.groups.append(None if groups is None else groups.tolist())
         c = torch.where(z[:, 0] > self.split, 1.0, 2.0)
         if self.nan_rows:
             c = torch.where(z[:, 0] < -1, torch.nan, c)
@@ -180,7 +181,7 @@ class MeanCritic(nn.Module):
 def test_critic_and_generator_losses_known_answer():
     """Eq. (5) without the class on a joined batch of 128 real rows (value 0.1) against 128
     fakes (0.5): E[D(fake)] - E[D(real)] + 10 (1/32 - 1)^2; Eq. (2): -E[D(G(z))] over 128
-    images, drawn as two batches of 64."""
+    images, drawn as two batches of 64 (one call, two batch-norm groups)."""
     torch.manual_seed(0)
     G, D = Painter(split=-1e9), MeanCritic()  # G paints 0.1 everywhere; shifted to 0.5:
     with torch.no_grad():
@@ -188,12 +189,13 @@ def test_critic_and_generator_losses_known_answer():
     args = argparse.Namespace(batch_size=64, lambda_gp=10.0)
     opt = torch.optim.SGD(D.parameters(), lr=0.0)
     x = torch.full((128, 1, 32, 32), 0.1)
-    loss = dgr.critic_step(G, D, opt, x, args).item()
+    loss = dgr.critic_step(D, opt, x, torch.full((128, 1, 32, 32), 0.5), args).item()
     assert loss == pytest.approx(0.5 - 0.1 + 10 * (1 / 32 - 1) ** 2, rel=1e-5)
     assert D.seen[0] == 256  # 128 real + 128 fakes in one pass
-    G.grad_on.clear()
+    args.plain_step = False
     loss = dgr.generator_step(G, D, torch.optim.SGD(G.parameters(), lr=0.0), 128, args)
-    assert loss.item() == pytest.approx(-0.5) and len(G.grad_on) == 2  # 2 batches of 64
+    assert loss.item() == pytest.approx(-0.5) and G.grad_on == [True]
+    assert G.groups == [[0] * 64 + [1] * 64]  # 2 batches of 64, each normalised alone
 
 
 def test_replays_come_from_the_frozen_previous_generator_and_solver(synth_eval, monkeypatch):
@@ -204,16 +206,17 @@ def test_replays_come_from_the_frozen_previous_generator_and_solver(synth_eval, 
     _, _, _, train, _ = synth_eval
     torch.manual_seed(0)
     env = argparse.Namespace(device=torch.device("cpu"), train=train, tasks=[[0], [1], [2]])
-    args = argparse.Namespace(batch_size=64, critic_iters=2, iters=3, lr=1e-4, solver_lr=1e-3,
-                              log_every=100, cuda_graphs=False)
+    args = argparse.Namespace(batch_size=64, plain_step=False, critic_iters=2, iters=3,
+                              lr=1e-4, solver_lr=1e-3, log_every=100, cuda_graphs=False)
     G, D = Painter(), nn.Linear(1, 1)  # G draws classes 1 and 2; D is never called here
     S = dgr.Solver(1, 10, width=4)
     S.learned[[0, 1]] = True
     start = {k: v.clone() for k, v in S.state_dict().items()}
     seen = {"x": [], "solver": []}
 
-    def spy_critic(G_, D_, opt, x, a):
+    def spy_critic(D_, opt, x, fake, a):
         seen["x"].append(x.clone())
+        assert fake.shape == x.shape and not fake.requires_grad
         with torch.no_grad():
             G.w.add_(1.0)  # the current G moves away: the replays must not follow it
         return torch.zeros(())

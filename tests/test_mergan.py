@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class LabelPainter(torch.nn.Module):
     """A stand-in generator whose image for label c is the constant c / 10: a replayed
     image shows which label it was generated for."""
-    nz = 4
+    nz, n_classes = 4, 10
 
-    def forward(self, z, y):
+    def forward(self, z, y, groups=None, n_groups=None):
         return (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 32, 32) + 0 * z.sum()
 
 
@@ -58,7 +58,7 @@ def test_frozen_generator_receives_no_gradient_and_stays_unchanged():
     before = {k: v.clone() for k, v in G_prev.state_dict().items()}
     G_before = G.fc.weight.detach().clone()
     args = mergan_ra.parse_args(["--dataset", "synth"])
-    opt_G = C.adam(G, 1e-3, (0.0, 0.9), torch.device("cpu"))
+    opt_G = C.adam(G, 1e-3, (0.0, 0.9))
     y = torch.full((16,), 3)
     _, ra = mergan_ra.generator_step(G, G_prev, D, opt_G, y, [0, 1, 2], args)
     assert ra.item() > 0
@@ -69,16 +69,30 @@ def test_frozen_generator_receives_no_gradient_and_stays_unchanged():
 
 
 def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
-    # the JTR critic step never touches the replay generator's parameters either
+    # the JTR critic steps never touch the replay generator's parameters, nor G's: replays
+    # and fakes are drawn without a graph
     torch.manual_seed(0)
     G, D = M.Generator(dim=8), M.Critic(dim=8)
     G_prev = M.Generator(dim=8).requires_grad_(False)
-    x, y = mergan_jtr.replay_batch(G_prev, [0, 1], 8, 128, torch.device("cpu"))
-    args = mergan_jtr.parse_args(["--dataset", "synth"])
-    opt_D = C.adam(D, 1e-3, (0.0, 0.9), torch.device("cpu"))
-    mergan_jtr.critic_step(G, D, opt_D, torch.cat([x, x]), torch.cat([y, y]), 8, args)
-    assert all(p.grad is None for p in G_prev.parameters())
-    assert all(p.grad is None for p in G.parameters())  # fakes are made without a graph
+    x, y = mergan_jtr.replay_batch(G_prev, [0, 1], 8, 128, torch.device("cpu"), steps=2)
+    assert len(y) == 16 and not x.requires_grad
+    args = mergan_jtr.parse_args(["--dataset", "synth", "--iters", "1", "--critic-iters", "2"])
+    env = argparse.Namespace(train=C.TaskData(*C.make_synth(20, seed=0), torch.device("cpu")),
+                             tasks=[[0], [1], [2]], device=torch.device("cpu"))
+    steps = []
+    step = mergan_jtr.critic_step
+
+    def spy(D_, opt, x, y, fake, *a):
+        steps.append(fake.requires_grad)
+        out = step(D_, opt, x, y, fake, *a)
+        assert all(p.grad is None for p in G.parameters())
+        return out
+    mergan_jtr.critic_step = spy
+    try:
+        mergan_jtr.train_task(2, G, D, env, args)
+    finally:
+        mergan_jtr.critic_step = step
+    assert steps == [False, False]
 
 
 # ---------------------------------------------------------------- JTR minibatches
@@ -92,7 +106,9 @@ def _mode(mode, t=3, G=None):
 
 
 def test_jtr_minibatch_holds_replays_of_every_earlier_class():
-    xb, yb = _mode("jtr").real_batch()
+    batches = _mode("jtr").real_batches(2)  # two critic steps' minibatches
+    assert len(batches) == 2 and not torch.equal(batches[0][0], batches[1][0])
+    xb, yb = batches[1]
     assert len(yb) == 64 + 63
     assert (yb[:64] == 3).all()                                   # the current class
     assert torch.bincount(yb[64:]).tolist() == [21, 21, 21]       # every earlier class
@@ -101,11 +117,12 @@ def test_jtr_minibatch_holds_replays_of_every_earlier_class():
 
 
 def test_sft_and_cumulative_minibatches():
-    _, y_sft = _mode("sft").real_batch()
+    (_, y_sft), = _mode("sft").real_batches(1)
     assert (y_sft == 3).all() and len(y_sft) == 64
-    _, y_cum = _mode("cumulative").real_batch()
-    assert (y_cum[:64] == 3).all() and set(y_cum[64:].tolist()) <= {0, 1, 2}
-    assert torch.equal(_mode("jtr", t=0).real_batch()[1], torch.full((64,), 0))  # no replay
+    for _, y_cum in _mode("cumulative").real_batches(3):
+        assert (y_cum[:64] == 3).all() and set(y_cum[64:].tolist()) <= {0, 1, 2}
+    assert [torch.equal(y, torch.full((64,), 0)) for _, y in _mode("jtr", t=0).real_batches(2)
+            ] == [True, True]  # no replay in the first task
     for name in ("sft", "cumulative", "ewc"):  # what only jtr, jt and ewc (t > 0) change
         m = _mode(name, t=0)
         assert m.w is None and m.bn_groups is None and m.penalty is None
@@ -136,13 +153,16 @@ def test_jt_is_one_task_of_every_class_with_uniform_fakes_normalised_as_one_batc
     G.forward, env.train.batch = spy_G, spy_batch
     torch.manual_seed(0)
     mergan_jtr.train_task(0, G, D, env, args)
-    assert [r[0] for r in real] == [[0, 1, 2]] * 4  # 2 iterations x 2 critic steps
-    assert len(calls) == 6                    # 4 critic fakes + 2 generator batches
-    critic_fakes = [calls[i][0] for i in (0, 1, 3, 4)]
-    assert not any(torch.equal(f, r[1]) for f, r in zip(critic_fakes, real))  # own labels
-    for labels, groups, n in calls:
-        assert len(labels) == 64 and groups is not None and n == 1
-        assert (groups == 0).all()            # one batch-norm batch
+    # per iteration: one draw of the 2 critic steps' real batches, one G call for their
+    # fakes (each step's 64 rows one batch-norm batch), one for the generator step
+    assert [(r[0], len(r[1])) for r in real] == [([0, 1, 2], 128)] * 2
+    assert len(calls) == 4
+    for i in (0, 2):
+        labels, groups, n = calls[i]
+        assert not torch.equal(labels, real[i // 2][1])  # their own labels
+        assert n == 2 and groups.tolist() == [0] * 64 + [1] * 64
+    for labels, groups, n in (calls[1], calls[3]):
+        assert len(labels) == 64 and n == 1 and (groups == 0).all()  # one batch
     labels = torch.cat([c[0] for c in calls])
     assert torch.bincount(labels, minlength=3).min() > 100  # uniform over the 3 classes
     assert not all(torch.equal(calls[0][0], c[0]) for c in calls[1:])  # drawn afresh
@@ -352,12 +372,14 @@ def test_plain_step_gives_the_speed_branches_numbers(script):
                                  critic_classes=10 if script == "jtr" else None)
         opt_G, opt_D = (torch.optim.SGD(m.parameters(), lr=0.0) for m in (G, D))  # no move
         torch.manual_seed(2)  # the same noise and interpolation weights for both
+        with torch.no_grad():
+            fake = G(torch.randn(len(y), G.nz), y)
         if script == "jtr":
-            d_loss = mergan_jtr.critic_step(G, D, opt_D, x, y, len(y), args)[0]
+            d_loss = mergan_jtr.critic_step(D, opt_D, x, y, fake, len(y), args)[0]
             grads = {"D." + k: p.grad.clone() for k, p in D.named_parameters()}
             g_loss = mergan_jtr.generator_step(G, D, opt_G, y, args)[0]
         else:
-            d_loss = mergan_ra.critic_step(G, D, opt_D, x, y, args)
+            d_loss = mergan_ra.critic_step(D, opt_D, x, y, fake, args)
             grads = {"D." + k: p.grad.clone() for k, p in D.named_parameters()}
             G_prev = copy.deepcopy(G).requires_grad_(False)
             g_loss = mergan_ra.generator_step(G, G_prev, D, opt_G, y, torch.tensor([0, 1]),
@@ -442,10 +464,10 @@ def test_divergence_in_a_later_task_keeps_the_last_good_checkpoint(data_root, tm
     saved = {f: open(tmp_path / f, "rb").read() for f in ("checkpoint.pt", "metrics.json")}
     original = mergan_ra.critic_step
 
-    def poisoned(G, D, *a):  # task 2's first critic step breaks the critic's weights
+    def poisoned(D, *a):  # task 2's first critic step breaks the critic's weights
         with torch.no_grad():
             D.convs[0].weight.fill_(float("nan"))
-        return original(G, D, *a)
+        return original(D, *a)
 
     monkeypatch.setattr(mergan_ra, "critic_step", poisoned)
     with pytest.raises(C.Diverged, match=r"\[task 2/2\] training diverged by iteration"):
@@ -627,8 +649,10 @@ def test_ra_keeps_the_classifier_head_as_the_authors_code():
                                  critic_classes=10 if args.ra_classifier else None)
         assert (D.classifier is None) == (not args.ra_classifier)
         torch.manual_seed(2)
-        losses[tuple(flags)] = float(mergan_ra.critic_step(G, D, torch.optim.SGD(
-            D.parameters(), lr=0.0), x, y, args))
+        with torch.no_grad():
+            fake = G(torch.randn(len(y), G.nz), y)
+        losses[tuple(flags)] = float(mergan_ra.critic_step(D, torch.optim.SGD(
+            D.parameters(), lr=0.0), x, y, fake, args))
     # the CE of an untrained 10-way head on real images is about log 10 > 0
     assert losses[()] > losses[("--lambda-cls", "0")] + 1.0
     assert losses[("--lambda-cls", "0")] == pytest.approx(losses[("--no-ra-classifier",)],
