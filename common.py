@@ -465,7 +465,7 @@ def adam(module, lr, betas, plain=False, graphed=False):
     (plain=True, --plain-step) runs about 15 per parameter: the same update to float
     rounding (tests compare). graphed: `capturable`, so that a CUDA graph may record it."""
     return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=not plain,
-                            capturable=graphed)
+                            foreach=False if plain else None, capturable=graphed)
 
 
 class GraphedStep:

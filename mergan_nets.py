@@ -11,8 +11,8 @@ Paper: C. Wu et al., "Memory Replay GANs", NeurIPS 2018 (docs/mergan.md). The au
   - the flags and data-dependent defaults of both scripts (`add_mergan_args`,
     `mergan_defaults`).
 
-The digit nets carry two speed branches (`conv5_s2`, `Critic.input_gradient`), each beside
-the plain form it replaces (--plain-step) and tested equal.
+The digit nets carry two speed branches (`conv5_s2`, `Critic.input_gradient`), and
+`draw_batches` one, each beside the plain form it replaces (--plain-step) and tested equal.
 """
 import argparse
 import math
@@ -50,8 +50,9 @@ def add_mergan_args(p, table2=True):
                        help="with --final-metrics, also Inception FID (needs torchvision's "
                             "Inception-v3 weights, downloaded once)")
     p.add_argument("--plain-step", action="store_true", help="the textbook forms only: "
-                   "autograd's gradient penalty and plain 5x5 convolutions, without the "
-                   "digit nets' speed branches (same numbers to float rounding, slower)")
+                   "autograd's gradient penalty, plain 5x5 convolutions, torch's for-loop "
+                   "Adam and one generator call per critic step, without the speed "
+                   "branches (same numbers to float rounding, slower)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs / --no-cuda-graphs (default)
 
 

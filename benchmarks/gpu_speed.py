@@ -11,9 +11,10 @@ solver test) cancel out; they are reported apart as "per task". The eager loop i
 a reader meets in the scripts (--no-cuda-graphs: Adam neither capturable nor graphed).
 
 Before a speed-up is reported, the two loops must agree: 8 iterations of each from the
-same weights and seed, every iteration's losses read (--log-every 1), the largest
-relative difference printed; a speed-up is not reported where they differ by more than
-1e-3 (cuDNN's own non-determinism is far below that in 8 iterations).
+same weights and seed, every iteration's losses as printed (4 decimals, --log-every 1),
+each difference against a tolerance of 2e-4 + 1e-3 |loss| (two rounding steps of the
+print, and cuDNN's own non-determinism, far below 1e-3 in 8 iterations); the worst ratio
+to the tolerance is printed, and no speed-up where it exceeds 1.
 
     python benchmarks/gpu_speed.py                          # all, 300 timed iterations
     python benchmarks/gpu_speed.py --only ra --iters 1000
@@ -104,7 +105,7 @@ def dgm_task(variant, t, iters, graphs, env, log_every=1000000000):
     return run
 
 
-HEADER = ["step", "task", "losses rel. diff", "eager ms/it", "graph ms/it", "speed-up",
+HEADER = ["step", "task", "loss diff / tol.", "eager ms/it", "graph ms/it", "speed-up",
           "eager s/task fixed", "graph s/task fixed"]
 
 
@@ -118,11 +119,12 @@ def losses(make, name, t, graphs, env, iters=8):
 
 
 def disagreement(make, name, t, env):
-    """Largest relative difference of the graphed loop's losses from the eager loop's."""
+    """The graphed loop's losses against the eager loop's: the worst ratio of a difference
+    to its tolerance, 2e-4 + 1e-3 |loss| (<= 1: they agree)."""
     a, b = losses(make, name, t, False, env), losses(make, name, t, True, env)
     if len(a) != len(b) or not a:
         return float("inf")
-    return max(abs(u - v) / max(abs(u), 1e-2) for u, v in zip(a, b))
+    return max(abs(u - v) / (2e-4 + 1e-3 * abs(u)) for u, v in zip(a, b))
 
 
 def measure(make, name, t, n1, n, graphs, env):
@@ -141,8 +143,8 @@ def main(argv=None):
     p.add_argument("--only", default="jtr,ra,ewc,dgmw,dgma",
                    help="comma-separated subset of jtr, ra, ewc, dgmw, dgma")
     p.add_argument("--schedule-dataset", default=None, help="also time one whole 10-task "
-                   "MeRGAN-RA run (paper iterations and 6,400 samples per class) on this "
-                   "dataset, e.g. mnist")
+                   "MeRGAN-RA run (paper iterations and 6,400 samples per class, "
+                   "--cuda-graphs) on this dataset, e.g. mnist")
     p.add_argument("--data-root", default="./data", help="data root for --schedule-dataset")
     args = p.parse_args(argv)
     device = C.pick_device(args.device)
@@ -163,14 +165,13 @@ def main(argv=None):
                                       env)
             eager, graph = res[False], res.get(True)
             diff = disagreement(make, what, t, env) if graph else None
-            agree = diff is not None and diff <= 1e-3
+            agree = diff is not None and diff <= 1
             rows.append([what, t + 1, diff, 1e3 * eager[0], 1e3 * graph[0] if graph else None,
                          eager[0] / graph[0] if agree else None, eager[1],
                          graph[1] if graph else None])
             if graph and not agree:
                 print(f"{what} task {t + 1}: the graphed loop's losses differ from the eager "
-                      f"loop's (largest relative difference {diff:.3g}): no speed-up "
-                      "reported", flush=True)
+                      f"loop's ({diff:.3g} x the tolerance): no speed-up reported", flush=True)
             print(C.fmt_table(HEADER, rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(C.fmt_table(HEADER, rows))
@@ -178,7 +179,7 @@ def main(argv=None):
         out = os.path.join("runs", f"gpu-speed-schedule-{int(time.time())}")
         cmd = [sys.executable, os.path.join(ROOT, "mergan_ra.py"), "--dataset",
                args.schedule_dataset, "--data-root", args.data_root, "--device",
-               str(device), "--out", out, "--log-every", "1000"]
+               str(device), "--out", out, "--log-every", "1000", "--cuda-graphs"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         print(f"\nwhole 10-task MeRGAN-RA schedule on {args.schedule_dataset}: "

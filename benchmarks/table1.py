@@ -8,7 +8,7 @@ paper's: one run on every class at once for each reported task count (after 5 ta
 classes 0-4 at once; after 10: 0-9), so the JT column is two runs (`jt5`, `jt10`).
 
 On a GPU the runs go at once (`--jobs`, default: all of them): each digit-GAN run keeps the
-GPU only partly busy (small kernels, CUDA graphs), so independent processes overlap well.
+GPU only partly busy (small kernels), so independent processes overlap well.
 On the CPU they run one after the other. Each run is an ordinary run folder under --out;
 calling the command again skips finished runs and resumes interrupted ones (`--resume`).
 
