@@ -47,8 +47,9 @@ for k in "$G1" "$G2" "$G3"; do i=$((i + 1))
   timeout -k 5 240 python3 -m pytest -m cuda tests/test_cuda.py -k "$k" -v -rA \
     -p no:cacheprovider --durations=5 >"$O/pytest$i.log" 2>&1 &
 done; wait
-for i in 1 2 3; do echo "pytest$i: $(grep -E "[0-9]+ (passed|failed|error|skipped)" "$O/pytest$i.log" \
-  | tail -1)"; done | tee -a "$S"; echo "pytest took $((SECONDS - t0))s (limit 240s)" | tee -a "$S"
+for i in 1 2 3; do
+  echo "pytest$i: $(grep -E "[0-9]+ (passed|failed|error|skipped)" "$O/pytest$i.log" | tail -1)"
+done | tee -a "$S"; echo "pytest took $((SECONDS - t0))s (limit 240s)" | tee -a "$S"
 cat "$O"/pytest[123].log >"$O/pytest.log"
 
 # gpu_speed

@@ -21,7 +21,7 @@ def test_counter_counts_kernels_apart_from_views():
 
 def test_mergan_iterations_stay_within_their_kernel_budget(monkeypatch):
     # Issue targets: RA <= 800 kernels per iteration at task 1, JTR <= 1000 at task 10
-    # (before the cuts: 1,836 and 2,287, mostly per-parameter Adam and 5 generator calls).
+    # (a1761d1, before the cuts: 1,836 and 2,287 on the CPU; docs/results.md).
     monkeypatch.setattr(op_count.M, "SPACE_TO_DEPTH", ())  # the CUDA path
     torch.manual_seed(0)
     env = op_count.fake_env(torch.device("cpu"), n_per_class=64)
