@@ -73,8 +73,8 @@ PAPER = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.Parser(description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="dataset of every run (Table 1: mnist "
                    "or svhn)")
     p.add_argument("--data-root", default="./data", help="where the dataset is read from")
@@ -86,8 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                    help=f"comma-separated columns to run, of {', '.join(COLUMNS)} (default: "
                         "all but cumulative)")
-    p.add_argument("--jobs", type=int, default=None, help="runs at the same time (default: "
-                   "every column at once on CUDA, one at a time on the CPU)")
+    p.add_argument("--jobs", type=C.at_least(1), default=None, help="runs at the same time "
+                   "(default: every column at once on CUDA, one at a time on the CPU)")
     p.add_argument("--classes", default=None, help="classes in task order, e.g. 0,1,2 "
                    "(default: all, one per task: the papers' protocol)")
     p.add_argument("--iters", type=int, default=None, help="generator iterations per task "
@@ -108,7 +108,13 @@ def parse_args(argv=None):
     p.add_argument("--dgm-args", default="", help="extra flags for DGM-w and DGM-a")
     p.add_argument("--status-every", type=float, default=30.0,
                    help="seconds between status lines while runs are going")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv[:-1]):  # --mergan-args "--plain-step": argparse would take
+        if a in PASS_THROUGH and argv[i + 1].startswith("-"):  # the value for an option
+            argv[i:i + 2] = [f"{a}={argv[i + 1]}", None]
+    args = p.parse_args([a for a in argv if a is not None])
+    for flag in PASS_THROUGH:
+        check_pass_through(flag, getattr(args, flag[2:].replace("-", "_")))
     args.columns = [c.strip() for c in args.columns.split(",") if c.strip()]
     unknown = [c for c in args.columns if c not in COLUMNS]
     if unknown or not args.columns:
@@ -131,6 +137,30 @@ def parse_args(argv=None):
     # absolute, so that the runs (started from any folder) and this process agree
     args.out, args.data_root = os.path.abspath(args.out), os.path.abspath(args.data_root)
     return args
+
+
+PASS_THROUGH = ("--mergan-args", "--ewc-args", "--dgm-args")
+# Flags the table gives every run itself: given again in a pass-through they would win
+# (argparse keeps the last) while the table reports its own value.
+TABLE_SETS = {"--seed": "the table's --seed", "--out": "each run's folder is <--out>/<run>",
+              "--dataset": "the table's --dataset", "--data-root": "the table's --data-root",
+              "--device": "the table's --device", "--eval-samples": "the table's "
+              "--eval-samples", "--classes": "the table's --classes", "--iters": "the "
+              "table's --iters, --jt-iters, --dgm-iters", "--no-download": "the table's "
+              "--no-download", "--resume": "the table resumes its unfinished runs itself"}
+
+
+def check_pass_through(flag, value):
+    """One line for a pass-through that cannot be split or sets what the table sets."""
+    try:
+        tokens = shlex.split(value)
+    except ValueError as err:
+        raise C.UserError(f"{flag} {value!r}: {err}") from None
+    for t in tokens:
+        name = t.split("=")[0]
+        if name in TABLE_SETS:
+            raise C.UserError(f"{flag}: {name} is set by the table for every run; use "
+                              f"{TABLE_SETS[name]}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -476,11 +506,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = C.pick_device(args.device)
     jobs = args.jobs or (len(runs_of(args)) if device.type == "cuda" else 1)
-    if jobs < 1:
-        raise C.UserError("--jobs must be at least 1")
     args.device = device.type
     device_name = (f"cuda ({__import__('torch').cuda.get_device_name(0)})"
                    if device.type == "cuda" else "cpu")
+    if os.path.exists(args.out) and not (
+            os.path.isdir(args.out) and (not os.listdir(args.out) or os.path.exists(
+                os.path.join(args.out, "table1-args.json")))):
+        raise C.UserError(f"--out {args.out} is not a table's folder (a file, or a folder "
+                          "of other files without table1-args.json); choose another --out")
     os.makedirs(args.out, exist_ok=True)
     check_settings(args)
     print(f"table1: {len(runs_of(args))} runs in {args.out}, {jobs} at a time on {device_name}",

@@ -13,12 +13,15 @@ TABLE = os.path.join(ROOT, "benchmarks", "table1.py")
 LABELS = ("JT", "SFT", "EWC", "DGR", "MeRGAN-JTR", "MeRGAN-RA", "DGM-w", "DGM-a")
 
 
+def table_argv(data_root, out, *extra):
+    return ["--dataset", "synth", "--data-root", data_root, "--classes", "0,1", "--iters", "2",
+            "--dgm-iters", "2", "--eval-samples", "10", "--device", "cpu", "--mergan-args",
+            "--dim 8", "--ewc-args", "--fisher-samples 4", "--out", str(out), *extra]
+
+
 def table(data_root, out, *extra):
-    cmd = [sys.executable, TABLE, "--dataset", "synth", "--data-root", data_root, "--classes",
-           "0,1", "--iters", "2", "--dgm-iters", "2", "--eval-samples", "10", "--device",
-           "cpu", "--mergan-args", "--dim 8", "--ewc-args", "--fisher-samples 4",
-           "--out", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return subprocess.run([sys.executable, TABLE, *table_argv(data_root, out, *extra)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
@@ -64,7 +67,12 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
 def test_table_resumes_an_interrupted_run(data_root, tmp_path):
     out = tmp_path / "t1"
-    # an SFT run of this table, stopped after its first task
+    # an SFT run of this table, stopped after its first task: the table had written its
+    # table1-args.json first, then started the run
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    os.makedirs(out)
+    table1.check_settings(table1.parse_args(table_argv(data_root, out, "--columns", "sft")))
     first = subprocess.run(
         [sys.executable, os.path.join(ROOT, "mergan_jtr.py"), "--mode", "sft", "--dataset",
          "synth", "--data-root", data_root, "--seed", "0", "--device", "cpu",
@@ -113,3 +121,42 @@ def test_table_user_errors_are_one_line(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "--columns dgr on lsun" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_table_refuses_what_it_would_misreport_and_folders_not_its_own(tmp_path):
+    """Each case one line, exit 2, nothing written: --jobs 0; a pass-through that sets what
+    the table sets for every run (the table would report its own --seed, or end with 'the
+    same command continues them' for runs it cannot find); a quote left open; an --out
+    holding the user's own files (never overwritten) or that is a file."""
+    tiny = ["--columns", "sft", "--classes", "0,1", "--iters", "1", "--eval-samples", "4",
+            "--mergan-args", "--dim 4"]  # were a check ever broken: seconds, not hours
+
+    def refused(*argv, match):
+        res = subprocess.run([sys.executable, TABLE, "--dataset", "synth", "--device", "cpu",
+                              *tiny, *argv], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert match in res.stderr, res.stderr
+
+    out = str(tmp_path / "t")
+    refused("--jobs", "0", "--out", out, match="--jobs: must be at least 1, got 0")
+    refused("--mergan-args", "--dim 8 --seed 7", "--out", out,
+            match="--mergan-args: --seed is set by the table for every run")
+    refused("--ewc-args", "--out=elsewhere", "--out", out,
+            match="--ewc-args: --out is set by the table for every run")
+    refused("--dgm-args", "--iters 5", "--out", out, match="--dgm-args: --iters is set")
+    refused("--mergan-args", "--dim '8", "--out", out, match="No closing quotation")
+    assert not os.path.exists(out)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table1.md").write_text("my notes")
+    refused("--out", str(mine), match="is not a table's folder")
+    refused("--out", str(mine / "table1.md"), match="is not a table's folder")
+    assert os.listdir(mine) == ["table1.md"] and (mine / "table1.md").read_text() == "my notes"
+
+
+def test_pass_through_values_may_start_with_a_dash():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    args = table1.parse_args(["--mergan-args", "--plain-step", "--dgm-args", "--keep-d"])
+    assert (args.mergan_args, args.dgm_args) == ("--plain-step", "--keep-d")
