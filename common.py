@@ -4,6 +4,7 @@ here. Images are float tensors in [-1, 1], NCHW; datasets are held as uint8 tens
 compute device and converted per minibatch; labels keep the dataset's own class ids.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ class Diverged(UserError):
 
 RUN_FOLDER = None  # set by prepare_run: where an interrupted run left its checkpoint
 RUN_SCRIPT = None  # set by prepare_run: recorded in every checkpoint
+RUN_INPUTS = {}  # fingerprints of the data and evaluator the run is made of (run_inputs)
 
 
 def cli(main, argv=None):
@@ -45,7 +47,8 @@ def cli(main, argv=None):
         print("\n" + (f"interrupted: the last finished task or stage is checkpointed in "
                       f"{RUN_FOLDER}; rerun with --resume --out {RUN_FOLDER}" if saved else
                       "interrupted before the first checkpoint: nothing to resume"
-                      + (f" ({RUN_FOLDER} holds no checkpoint)" if RUN_FOLDER else "")),
+                      + (f"; {RUN_FOLDER} holds only this call's first files: delete it or "
+                         "pass another --out" if RUN_FOLDER else "")),
               file=sys.stderr)
         sys.exit(130)
 
@@ -714,9 +717,10 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def prepare_run(args, script):
-    """The run folder: with --resume the one in --out (its checkpoint returned), else a new
-    one, never written over: the default name is created atomically (suffixed when taken);
-    an --out holding more than a stopped run's args.json is refused. Writes args.json."""
+    """The run folder: with --resume the one in --out (its checkpoint returned; nothing is
+    written), else a new one, never written over: the default name is created atomically
+    (suffixed when taken); an --out holding more than a stopped run's args.json is refused.
+    A new run's args.json is written here."""
     global RUN_FOLDER, RUN_SCRIPT
     ckpt = None
     if args.out is None:  # a new folder of its own, even for runs started in one second
@@ -756,6 +760,9 @@ def prepare_run(args, script):
         raise UserError(f"--out {args.out} is not empty ({len(files)} entries, e.g. "
                         f"{files[0]}); nothing is overwritten: choose another --out")
     RUN_FOLDER, RUN_SCRIPT = args.out, script
+    RUN_INPUTS.clear()
+    if args.resume:  # args.json defines the run (parse_run_args): never rewritten
+        return args.out, ckpt
     try:
         os.makedirs(args.out, exist_ok=True)
         save_json(os.path.join(args.out, "args.json"), vars(args))
@@ -763,6 +770,28 @@ def prepare_run(args, script):
         raise UserError(f"--out {args.out}: cannot write there ({type(err).__name__}: "
                         f"{err.strerror or err})")
     return args.out, ckpt
+
+
+def fingerprint(*tensors):
+    """A short hash of tensors' shapes, types and bytes (e.g. a dataset, a state_dict's)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def run_inputs(ckpt, out, **fps):
+    """Record what the run is made of (name=fingerprint, e.g. data=, evaluator=) in every
+    checkpoint; on --resume (ckpt given) first refuse inputs other than the run's own."""
+    recorded = (ckpt or {}).get("inputs", {})
+    for k, v in fps.items():
+        if recorded.get(k, v) != v:
+            raise UserError(f"--resume: {k} fingerprint {v} is not the run's ({recorded[k]} "
+                            f"in {out}); a run never mixes two: pass the data root it was "
+                            "made with (its args.json) or start a new run")
+    RUN_INPUTS.update(fps)
 
 
 def save_json(path, obj):
@@ -780,8 +809,9 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(out, state):
-    """checkpoint.pt: `state` with every RNG state and the script that wrote it."""
-    atomic_save(dict(state, rng=rng_state(), script=RUN_SCRIPT), os.path.join(out, CHECKPOINT))
+    """checkpoint.pt: `state` with every RNG state, the script that wrote it, run_inputs."""
+    atomic_save(dict(state, rng=rng_state(), script=RUN_SCRIPT, inputs=dict(RUN_INPUTS)),
+                os.path.join(out, CHECKPOINT))
 
 
 def load_checkpoint(path):
@@ -874,11 +904,13 @@ def setup(args, script, digits="pad"):
                         "class-incremental scripts need at least 2 (one sub-folder per class)")
     tasks = task_split(args.classes, len(names), args.classes_per_task)
     out, ckpt = prepare_run(args, script)
+    run_inputs(ckpt, out, data=fingerprint(x, y, tx, ty))
     print(f"{args.dataset}: {len(y)} train / {len(ty)} test images {tuple(x.shape[1:])}; "
           f"tasks {tasks}; run folder {out}", flush=True)
     train, test = TaskData(x, y, device), TaskData(tx, ty, device)
     prep = f"-{digits}" if args.dataset in ("mnist", "fashion") and digits != "pad" else ""
     evaluator, evaluator_acc = get_evaluator(args, train, test, len(names), device, prep=prep)
+    run_inputs(ckpt, out, evaluator=fingerprint(*evaluator.state_dict().values()))
     return argparse.Namespace(device=device, train=train, test=test, tasks=tasks, out=out,
                               ckpt=ckpt, evaluator=evaluator, evaluator_acc=evaluator_acc,
                               n_classes=len(names), channels=x.shape[1],

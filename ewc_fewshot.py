@@ -138,7 +138,7 @@ def parse_args(argv=None):
                    help="also compute Inception FID (needs torchvision's Inception weights, "
                         "downloaded once)")
     args = C.parse_run_args(p, argv, run_flags=("source_root", "target_root",
-                                                "source_ckpt", "inception_fid"))
+                                                "inception_fid"))
 
     try:
         args.lambdas = ([float(v) for v in args.ewc_lambda.split(",") if v.strip()]
@@ -397,7 +397,11 @@ def stage_source(G, D, args, state, out, device, channels, sx):
     """Stage 1: the source GAN, loaded from --source-ckpt, resumed from this run's
     source.pt, or trained on sx, the source domain's training images (then checkpointed)."""
     src_path = os.path.join(out, "source.pt")
-    if args.source_ckpt:
+    if "source" in state.get("done", []):  # the run's own source: never replaced
+        src = C.load_checkpoint(src_path)
+        G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
+        print("source: resumed from the checkpoint", flush=True)
+    elif args.source_ckpt:
         src = C.load_checkpoint(args.source_ckpt)
         try:
             G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
@@ -408,10 +412,8 @@ def stage_source(G, D, args, state, out, device, channels, sx):
         print(f"source: loaded {args.source_ckpt}", flush=True)
         if os.path.abspath(args.source_ckpt) != os.path.abspath(src_path):
             C.atomic_save(src, src_path)
-    elif "source" in state.get("done", []):
-        src = C.load_checkpoint(src_path)
-        G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
-        print("source: resumed from the checkpoint", flush=True)
+        state.setdefault("done", []).append("source")
+        C.save_checkpoint(out, state)
     else:
         print(f"source {args.source}: {len(sx)} images; training {args.source_iters} "
               "iterations", flush=True)
@@ -429,11 +431,19 @@ def stage_fisher(G, D, args, state, out, device):
     fisher_path = os.path.join(out, "fisher.pt")
     fisher = None
     if "fisher" in state.get("done", []):
+        shapes = {k: p.shape for k, p in G.named_parameters()}
         try:
             fisher = C.load_checkpoint(fisher_path)["fisher"]
-        except (C.UserError, KeyError) as err:  # derived data: compute it again
-            print(f"fisher.pt unusable ({err}); computing the Fisher information again "
-                  "(new random draws: the numbers may differ slightly)", flush=True)
+            if {k: f.shape for k, f in fisher.items()} != shapes:
+                raise C.UserError("its tensors do not fit the generator")
+        except (C.UserError, KeyError, AttributeError, TypeError) as err:
+            if state["adapted"]:  # adapted with the original Fisher: never replaced
+                raise C.UserError(f"--resume: {fisher_path} is unusable ({err}) and lambda "
+                                  f"{', '.join(state['adapted'])} were adapted with the "
+                                  f"original; start a new run (--source-ckpt {out}/source.pt)")
+            print(f"fisher.pt unusable ({err}); nothing was adapted with it yet: computing "
+                  "it again (new random draws: the numbers may differ slightly)", flush=True)
+            fisher = None
             state["done"].remove("fisher")
     if fisher is None:
         t0 = time.time()
@@ -584,7 +594,8 @@ def joint_evaluator(args, source, target, device):
     domain_acc = 100.0 * float(((test.y >= n_src) == share).float().mean())
     desc = {"name": f"joint {args.source}+{args.target} evaluator ({n_classes} classes: "
                     f"{n_src} source + {n_classes - n_src} target)",
-            "class_accuracy": acc, "domain_accuracy": domain_acc, "n_train": len(train.y)}
+            "class_accuracy": acc, "domain_accuracy": domain_acc, "n_train": len(train.y),
+            "fingerprint": C.fingerprint(*net.state_dict().values())}
     return net, n_src, desc
 
 
@@ -750,6 +761,7 @@ def main(argv=None):
     # source (read once: trained on, and measured against), the networks.
     tx, ty, tnames = load_domain(args.target, args.target_root, True, args.image_size, None,
                                  not args.no_download)
+    C.run_inputs(ckpt, out, target_data=C.fingerprint(tx, ty))
     size, channels = tx.shape[-1], tx.shape[1]
     args.image_size = size
     shots, shot_idx = pick_shots(tx, args.shots, args.seed)
@@ -765,6 +777,7 @@ def main(argv=None):
     z_grid = torch.randn(10, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)
     sx, sy, snames = load_domain(args.source, args.source_root, True, size, channels,
                                  not args.no_download)
+    C.run_inputs(ckpt, out, source_data=C.fingerprint(sx, sy))
 
     # Stage 1: the source GAN. Frozen from here on (adaptation fine-tunes copies); eval():
     # spectral norm stops its power iteration, so not even D's buffers change in stage 2.
@@ -782,6 +795,7 @@ def main(argv=None):
                                (args.target, args.target_root))]
     evaluate_G, ev_desc = measurement_setup(args, (sx, sy, snames, *test[0][:2]),
                                             (tx, ty, tnames, *test[1][:2]), shots, device)
+    C.run_inputs(ckpt, out, evaluator=ev_desc["fingerprint"])  # nothing measured is mixed
     if "source" not in state["results"]:
         state["results"]["source"] = evaluate_G(G)
 

@@ -1,6 +1,7 @@
 """EWC (ewc_fewshot.py): Fisher information, the penalty, adaptation under large and zero
 lambda, the evaluation measures, end-to-end few-shot runs, user errors. (MeRGAN's sequential
 EWC baseline is `mergan_jtr.py --mode ewc`, tested in test_mergan.py.)"""
+import argparse
 import copy
 import json
 import math
@@ -82,6 +83,29 @@ def test_fisher_log_likelihood_is_log_d_of_real_from_the_frozen_discriminator():
     ll = E.source_log_likelihood(MeanLogit())(Fixed(), 3)
     want = torch.tensor([math.log(0.5), -0.126928011, -3.048587352])
     assert torch.allclose(ll.detach(), want, atol=1e-6), ll
+
+
+def test_an_unusable_fisher_is_recomputed_only_while_nothing_was_adapted_with_it(tmp_path):
+    """fisher.pt that is corrupt or of other shapes: computed again while no lambda was
+    adapted; after one was, the run's own Fisher is never replaced (one-line refusal)."""
+    torch.manual_seed(0)
+    G, D = E.DCGANGenerator(1, 4, 8, 32), E.DCGANDiscriminator(1, 4, 32)
+    D.eval()
+    args = argparse.Namespace(fisher_samples=4)
+    wrong = {k: torch.ones(3) for k, _ in G.named_parameters()}
+    for bad in (b"broken", wrong):
+        if isinstance(bad, bytes):
+            (tmp_path / "fisher.pt").write_bytes(bad)
+        else:
+            C.atomic_save({"fisher": bad}, str(tmp_path / "fisher.pt"))
+        state = {"done": ["source", "fisher"], "adapted": {"0": {}}, "seconds": {}}
+        with pytest.raises(C.UserError, match="lambda 0 were adapted with the original"):
+            E.stage_fisher(G, D, args, state, str(tmp_path), "cpu")
+        state = {"done": ["source", "fisher"], "adapted": {}, "seconds": {}}
+        fisher = E.stage_fisher(G, D, args, state, str(tmp_path), "cpu")
+        assert {k: f.shape for k, f in fisher.items()} == {
+            k: p.shape for k, p in G.named_parameters()}
+        assert state["done"] == ["source", "fisher"]
 
 
 def test_fisher_of_the_dcgan_comes_from_the_frozen_discriminator():
@@ -342,11 +366,24 @@ def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
     assert m["results"]["0"]["ewc_penalty"] > 0  # fine-tuning moved away from theta_S
     assert list(m["fisher"]["per_layer_mean"]) == list(r["weight_change_rate"])
 
-    (out / "fisher.pt").write_bytes(b"broken")  # derived data: recomputed, not fatal
+    # A run's own inputs are never replaced: not by another source, not by a new Fisher
+    # once a lambda was adapted with the original one (docs/core.md, "Nothing lost")
+    files = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    fisher = files["fisher.pt"]
+    (out / "fisher.pt").write_bytes(b"broken")
+    other = tmp_path / "other.pt"
+    other.write_bytes(files["source.pt"])
+    for extra, msg in (([], "lambda 0, 1e+06 were adapted with the original"),
+                       (["--source-ckpt", str(other)], "--source-ckpt None -> ")):
+        r2 = run_script(*flags, "--out", str(out), "--resume", *extra)
+        assert r2.returncode == 2 and msg in r2.stderr, r2.stderr
+        assert len(r2.stderr.strip().splitlines()) == 1, r2.stderr
+        assert {f: (out / f).read_bytes() for f in os.listdir(out)} == dict(
+            files, **{"fisher.pt": b"broken"})  # nothing written
+    (out / "fisher.pt").write_bytes(fisher)
     r2 = run_script(*flags, "--out", str(out), "--resume")
     assert r2.returncode == 0, r2.stderr
     assert "source: resumed" in r2.stdout and "resumed from the checkpoint" in r2.stdout
-    assert "computing the Fisher information again" in r2.stdout
     assert "[adapt" not in r2.stdout
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["results"] == m["results"]

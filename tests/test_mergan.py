@@ -3,6 +3,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -410,7 +411,8 @@ def test_scripts_run_on_a_folder_dataset(image_folder, tmp_path):
         assert len(m["acc_matrix"]) == 2
 
 
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(data_root, tmp_path):
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(data_root, tmp_path,
+                                                               monkeypatch):
     args = [*TINY, "--classes", "0,1,2", "--data-root", data_root]
     run_script("mergan_ra.py", *args, "--out", str(tmp_path / "a"))
     r = run_script("mergan_ra.py", *args, "--out", str(tmp_path / "b"), "--max-tasks", "1")
@@ -431,6 +433,32 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(data_root, tmp_pa
     r = subprocess.run([sys.executable, "mergan_ra.py", *args, "--out", str(tmp_path / "b"),
                         "--resume", "--lr", "1e-3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--lr 0.0001 -> 0.001" in r.stderr, r.stderr
+    # A run is measured on one dataset by one evaluator: their fingerprints are in every
+    # checkpoint, and a --resume whose --data-root holds other data (or a cached evaluator
+    # with other weights) is refused before anything of the run is written
+    out = tmp_path / "b"
+    files = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    other = tmp_path / "other"
+    shutil.copytree(data_root, other)
+    (cache,) = (other / "evaluators").iterdir()
+    ck = torch.load(cache, weights_only=True)
+    ck["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, cache)
+    r = subprocess.run([sys.executable, "mergan_ra.py", "--resume", "--out", str(out),
+                        "--data-root", str(other)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume: evaluator fingerprint" in r.stderr, r.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == files
+    load = C.load_dataset
+
+    def other_digits(*a, **k):  # the same shapes, one pixel changed
+        x, y, names = load(*a, **k)
+        x = x.clone()
+        x[0, 0, 0, 0] += 1
+        return x, y, names
+    monkeypatch.setattr(C, "load_dataset", other_digits)
+    with pytest.raises(C.UserError, match="--resume: data fingerprint"):
+        mergan_ra.main(["--resume", "--out", str(out)])
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == files
 
 
 def test_user_mistakes_are_one_line_errors(data_root, tmp_path):
