@@ -794,18 +794,29 @@ def run_inputs(ckpt, out, **fps):
     RUN_INPUTS.update(fps)
 
 
-def save_json(path, obj):
+def atomic_write(path, write):
+    """write(tmp) to a temporary file, then rename it onto path: a kill never leaves half a
+    file. Every file a run writes goes through here (checkpoints, JSON, PNG, GIF)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename (atomic_write)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_image(path, img):
+    """A uint8 H x W x C array as an image file (format from the name's ending), atomically."""
+    atomic_write(path, lambda tmp: imageio.imwrite(tmp, img, format=path.rsplit(".", 1)[-1]))
 
 
 def save_checkpoint(out, state):
@@ -846,13 +857,14 @@ def class_grid(generate, all_classes, seen, z, path):
     shape = next(iter(rows.values())).shape
     x = torch.cat([rows.get(c, torch.ones(shape)) for c in all_classes])
     img = image_grid(x, nrow=len(z))
-    imageio.imwrite(path, img)
+    write_image(path, img)
     return img
 
 
 def save_gif(frames, path, seconds_per_frame=0.8):
     """An animated GIF (looping) of equally sized uint8 frames, e.g. grids across tasks."""
-    imageio.mimsave(path, frames, duration=1000 * seconds_per_frame, loop=0)
+    atomic_write(path, lambda tmp: imageio.mimsave(tmp, frames, format="gif", loop=0,
+                                                   duration=1000 * seconds_per_frame))
 
 
 class Progress:

@@ -45,7 +45,6 @@ import math
 import os
 import time
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn as nn
@@ -699,7 +698,7 @@ def report(args, out, G, shots, z_grid, grids, gif_frames, state, ev_desc, n_tar
     with torch.no_grad():
         rows.append(G(z_grid).cpu())
     rows += [grids[f"{lam:g}"] for lam in args.lambdas]
-    imageio.imwrite(os.path.join(out, "comparison.png"), C.image_grid(torch.cat(rows), 10))
+    C.write_image(os.path.join(out, "comparison.png"), C.image_grid(torch.cat(rows), 10))
     n_frames = min(len(f) for f in gif_frames.values())
     C.save_gif([C.image_grid(torch.cat([rows[0], rows[1]] + [gif_frames[f"{lam:g}"][i]
                                                             for lam in args.lambdas]), 10)
@@ -769,7 +768,7 @@ def main(argv=None):
     print(f"target {args.target}: {len(tx)} images {tuple(tx.shape[1:])}, {len(shots)} shots "
           f"(indices {shot_idx.tolist()[:10]}{' ...' if len(shots) > 10 else ''}); "
           f"run folder {out}", flush=True)
-    imageio.imwrite(os.path.join(out, "shots.png"),  # at most 100 of them
+    C.write_image(os.path.join(out, "shots.png"),  # at most 100 of them
                     C.image_grid(C.to_float(shots[:100]), nrow=min(10, len(shots))))
     G = DCGANGenerator(channels, args.dim, args.nz, size).to(device)
     D = DCGANDiscriminator(channels, args.dim, size).to(device)
@@ -784,7 +783,7 @@ def main(argv=None):
     stage_source(G, D, args, state, out, device, channels, sx)
     G.eval(), D.eval()
     with torch.no_grad():
-        imageio.imwrite(os.path.join(out, "source_samples.png"),
+        C.write_image(os.path.join(out, "source_samples.png"),
                         C.image_grid(G(z_grid), nrow=10))
     # Stage 2: the Fisher information from the frozen source discriminator.
     fisher = stage_fisher(G, D, args, state, out, device)
@@ -807,7 +806,7 @@ def main(argv=None):
             lambda G_ad, lam, adv: measure_adapted(G, G_ad, fisher, lam, adv, evaluate_G))
         with torch.no_grad():
             grids[f"{lam:g}"] = G_ad(z_grid).cpu()
-        imageio.imwrite(os.path.join(out, f"samples_lambda{lam:g}.png"),
+        C.write_image(os.path.join(out, f"samples_lambda{lam:g}.png"),
                         C.image_grid(sample(G_ad, 64, device).cpu(), nrow=8))
 
     report(args, out, G, shots, z_grid, grids, gif_frames, state, ev_desc, len(tx), len(sx))

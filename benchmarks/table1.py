@@ -375,7 +375,7 @@ def draw_matrix(R, row_names, col_names, title, path, cell=44):
                        font=font, anchor="mm")
     d.text((6, top + cell * T + 6), "rows: after task t; grey: not yet seen", fill="black",
            font=small)
-    img.save(path)
+    C.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def fmt(v):
@@ -468,8 +468,10 @@ def report(args, results, device_name):
     notes.append("Accuracy matrices: " + ", ".join(f"`acc_matrix_{n}.png`" for n, _ in runs)
                  + ".")
     md = "\n".join(lines + ["", " ".join(notes)]) + "\n"
-    with open(os.path.join(args.out, "table1.md"), "w") as f:
-        f.write(md)
+    def write_md(tmp):
+        with open(tmp, "w") as f:
+            f.write(md)
+    C.atomic_write(os.path.join(args.out, "table1.md"), write_md)
     C.save_json(os.path.join(args.out, "table1.json"), {
         "dataset": args.dataset, "seed": args.seed, "device": device_name,
         "classes": args.class_list, "evaluator_test_acc": any_m["evaluator_test_acc"],

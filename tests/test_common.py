@@ -1051,3 +1051,39 @@ def test_authors_evaluators_have_merganss_layers_and_cache_apart(synth_eval, tmp
     assert model.body[2].in_features == 1024 and acc > 80 and os.path.exists(path_authors)
     # the judge never changes the run's random stream (so not the generator it judges)
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_every_file_a_run_writes_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A kill in the middle of a write (here: the writer writes half a file, then stops)
+    leaves the previous file as it was, and a partial *.tmp that --resume removes. Once, a
+    kill left a 0-byte samples_task<k>.png."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    z = torch.zeros(2, 3)
+
+    def generate(z, y):
+        return torch.zeros(len(z), 1, 4, 4)
+    writers = {  # file -> a call that (re)writes it
+        "samples_task1.png": lambda p: C.class_grid(generate, [0, 1], [0], z, p),
+        "shots.png": lambda p: C.write_image(p, img),
+        "samples.gif": lambda p: C.save_gif([img, img], p),
+        "metrics.json": lambda p: C.save_json(p, {"a": 1}),
+        "checkpoint.pt": lambda p: C.atomic_save({"a": 1}, p)}
+    for name, write in writers.items():
+        path = str(tmp_path / name)
+        write(path)
+        before = open(path, "rb").read()
+        assert len(before) > 0
+
+        def half(*a, **k):  # the target: a file name, or an open file's name
+            target = [getattr(v, "name", v) for v in a[:2] if isinstance(
+                getattr(v, "name", v), str)][0]
+            with open(target, "wb") as f:
+                f.write(b"half")
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            for mod, fn in ((C.imageio, "imwrite"), (C.imageio, "mimsave"),
+                            (C.json, "dump"), (C.torch, "save")):
+                m.setattr(mod, fn, half)
+            with pytest.raises(KeyboardInterrupt):
+                write(path)
+        assert open(path, "rb").read() == before, name
