@@ -22,6 +22,7 @@ checkpoint; `jt5`, `jt10` for JT) and its log, `acc_matrix_<run>.png` (DGR and D
 `solver_matrix_<run>.png`), `table1.md`, `table1.json`.
 """
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -281,6 +282,36 @@ def progress_of(args, name):
     return f"{name} {done}" + (f", it {its[-1]}" if its else "")
 
 
+# Each run starts through this (Linux): PR_SET_PDEATHSIG (1) makes the kernel SIGTERM the run
+# when the table command dies, even by SIGKILL, so that no run goes on as an orphan writing
+# into --out. It outlives execv; done in a fresh interpreter, not in a preexec_fn (unsafe in
+# a process with threads). Elsewhere the `finally` of run_all stops the runs.
+DIE_WITH_PARENT = """import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):  # the command died before prctl took hold
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])"""
+
+
+def lock(out):
+    """Hold --out for this command (released when it exits, however): a second table
+    command on the same folder would run the same runs twice at once."""
+    f = open(os.path.join(out, "table1.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        raise C.UserError(f"another table command (pid {f.read().strip() or '?'}) is running "
+                          f"in {out}; wait for it or stop it, then run this again")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    lock.held = f  # open (and locked) until the command exits
+
+
 def run_all(args, jobs):
     """Run the columns' scripts, at most `jobs` at a time. Returns {run name: exit status}."""
     todo = []
@@ -314,8 +345,9 @@ def loop(args, jobs, todo, running, status, t_print):
             log = open(os.path.join(args.out, f"{name}.log"), "a")
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
-                             log, time.time())
+            running[name] = (subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT,
+                                               str(os.getpid()), *cmd], stdout=log,
+                                              stderr=subprocess.STDOUT), log, time.time())
         time.sleep(0.5)
         for name, (proc, log, t0) in list(running.items()):
             if proc.poll() is None:
@@ -518,6 +550,7 @@ def main(argv=None):
                           "of other files without table1-args.json); choose another --out")
     os.makedirs(args.out, exist_ok=True)
     check_settings(args)
+    lock(args.out)
     print(f"table1: {len(runs_of(args))} runs in {args.out}, {jobs} at a time on {device_name}",
           flush=True)
     t0 = time.time()

@@ -160,3 +160,61 @@ def test_pass_through_values_may_start_with_a_dash():
     import table1
     args = table1.parse_args(["--mergan-args", "--plain-step", "--dgm-args", "--keep-d"])
     assert (args.mergan_args, args.dgm_args) == ("--plain-step", "--keep-d")
+
+
+def children_of(pid):
+    """Pids of the processes whose parent is pid (Linux /proc)."""
+    kids = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if p.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(p))
+        except OSError:
+            pass
+    return kids
+
+
+def alive(pid):
+    """Running (a zombie, dead and not yet reaped, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and "
+                    "/proc are Linux's; elsewhere only a Ctrl-C of the command stops its runs")
+def test_a_killed_table_command_takes_its_runs_with_it(data_root, tmp_path):
+    """SIGKILL of the table command (no `finally` runs) once left its runs going on as
+    orphans, writing into --out; and while one command runs, a second on the same --out is
+    refused in one line (it would run the same runs twice at once)."""
+    import signal
+    import time
+    out = tmp_path / "t"
+    argv = [sys.executable, TABLE, *table_argv(data_root, out, "--columns", "sft", "--iters",
+                                                "100000")]
+    table_cmd = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    t0, kids = time.time(), []
+    try:
+        while time.time() - t0 < 120 and not kids:  # the run has started (after exec)
+            kids = [k for k in children_of(table_cmd.pid)
+                    if b"mergan_jtr.py" in open(f"/proc/{k}/cmdline", "rb").read()]
+            time.sleep(0.2)
+        assert kids, "the sft run never started"
+        res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert f"another table command (pid {table_cmd.pid}) is running" in res.stderr
+        table_cmd.send_signal(signal.SIGKILL)
+        table_cmd.wait()
+        t0 = time.time()
+        while time.time() - t0 < 20 and alive(kids[0]):
+            time.sleep(0.2)
+        assert not alive(kids[0]), "the run outlived the table command"
+    finally:
+        table_cmd.kill()
+        for k in kids:
+            if alive(k):
+                os.kill(k, signal.SIGKILL)
