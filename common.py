@@ -515,11 +515,8 @@ class GraphedStep:
 # -- 4. Metrics ----------------------------------------------------------------------------
 def make_classifier(arch, channels, n_classes, width=32):
     """A classifier as body (its features, the penultimate layer) then head (the logits).
-    ours: 3 conv blocks and a 8*width-d feature layer, the evaluator of every script.
-    authors (--evaluator authors): MeRGAN's own, for grey images its MNIST MLP (the 32x32
-    image flattened, 1024-512-256-128, pretrain/mnist_test.py), for colour ones its SVHN
-    net (3x3 convs 32-32 | pool | 64-64 | pool | 128-128-128 | pool, then 512-128,
-    pretrain/svhn_test.py). Their adaptive poolings are the identity at 32 px."""
+    ours: 3 conv blocks and a 8*width-d feature layer, the evaluator of every script;
+    authors (--evaluator authors): MeRGAN's own (mergan_nets.authors_classifier_body)."""
     relu, w = nn.ReLU, width
     if arch == "ours":
         body = [nn.Conv2d(channels, w, 3, padding=1), relu(), nn.MaxPool2d(2),
@@ -527,22 +524,9 @@ def make_classifier(arch, channels, n_classes, width=32):
                 nn.Conv2d(2 * w, 4 * w, 3, padding=1), relu(), nn.AdaptiveAvgPool2d(4),
                 nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * w * 16, 8 * w), relu()]
         feat = 8 * w
-    elif channels == 1:
-        widths = [32 * 32, 1024, 512, 256, 128]
-        body = [nn.AdaptiveAvgPool2d(32), nn.Flatten()]
-        for w_in, w_out in zip(widths, widths[1:]):
-            body += [nn.Linear(w_in, w_out), relu()]
-        feat = 128
     else:
-        body, c_in = [], channels
-        for block in ([32, 32], [64, 64], [128, 128, 128]):
-            for c_out in block:
-                body += [nn.Conv2d(c_in, c_out, 3, padding=1), relu()]
-                c_in = c_out
-            body.append(nn.MaxPool2d(2))
-        body += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128 * 16, 512), relu(),
-                 nn.Linear(512, 128), relu()]
-        feat = 128
+        from mergan_nets import authors_classifier_body
+        body, feat = authors_classifier_body(channels)
     return nn.Sequential(OrderedDict(body=nn.Sequential(*body),
                                      head=nn.Linear(feat, n_classes)))
 
@@ -867,9 +851,27 @@ def save_gif(frames, path, seconds_per_frame=0.8):
                                                    duration=1000 * seconds_per_frame))
 
 
+# Divergence that stays finite: beyond bounds no healthy run reaches (measured healthy
+# maxima: |loss| 2,062, |weight| 1.5; docs/core.md), as divergent ones do (1e13 and more).
+LOSS_BOUND, WEIGHT_BOUND = 1e6, 1e4
+BLAME = "--lr"  # the flag most likely at fault when training diverges (suspect)
+
+
+def suspect(args, usual, flags):
+    """Set BLAME: of `flags` (learning rates, loss weights), the one set furthest above
+    its usual value (`usual`: the script's parsed defaults), else --lr."""
+    global BLAME
+    ratio = {f: getattr(args, f) / getattr(usual, f) for f in flags
+             if getattr(usual, f, None) and getattr(args, f, None)}
+    worst = max(ratio, key=ratio.get, default=None)
+    BLAME = (f"--{worst.replace('_', '-')} (now {getattr(args, worst):g}, default "
+             f"{getattr(usual, worst):g})" if worst and ratio[worst] > 1 else "--lr")
+
+
 class Progress:
     """A progress line every `every` iterations: losses, it/s and ETA. `update(it, losses)`
-    reads the loss tensors (one host sync) only when it prints: no `.item()` in the loop."""
+    reads the loss tensors (one host sync) only when it prints: no `.item()` in the loop.
+    A loss (tensor) that is NaN/Inf or beyond LOSS_BOUND stops the run (Diverged)."""
 
     def __init__(self, total, every, prefix=""):
         self.total, self.every, self.prefix, self.t0 = total, max(1, every), prefix, time.time()
@@ -884,21 +886,27 @@ class Progress:
         parts = "  ".join(f"{k} {v:+.4f}" for k, v in values.items())
         print(f"{self.prefix}it {done:>6}/{self.total}  {parts}  {rate:6.2f} it/s  "
               f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}", flush=True)
-        bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
+        bad = [f"{k} = {v:g}" for k, v in values.items() if not math.isfinite(v) or (
+            torch.is_tensor(losses[k]) and abs(v) > LOSS_BOUND)]  # not e.g. DGM's slope s
         if bad:  # checked where the values are read anyway: no extra sync in the loop
             raise Diverged(f"{self.prefix}training diverged by iteration {done}: "
-                           f"{', '.join(bad)} (try a smaller --lr); nothing of this stage "
-                           "was evaluated or saved, earlier checkpoints are unchanged")
+                           f"{', '.join(bad)} (NaN/Inf or beyond {LOSS_BOUND:g}, which no "
+                           f"healthy run reaches; try a smaller {BLAME}); nothing of this "
+                           "stage was evaluated or saved, earlier checkpoints are unchanged")
 
 
 def check_finite(module, where):
     """Diverged if a floating-point tensor of `module`'s state (parameters, buffers) is NaN
-    or Inf: one host sync, once per task, before evaluating or saving."""
+    or Inf, or a parameter beyond WEIGHT_BOUND: one host sync, once per task, before
+    evaluating or saving."""
     ts = [v for v in module.state_dict().values()
           if torch.is_tensor(v) and v.is_floating_point()]
-    if ts and not bool(torch.stack([torch.isfinite(v).all() for v in ts]).all()):
-        raise Diverged(f"{where}: the weights hold NaN/Inf (try a smaller --lr); nothing of "
-                       "it was evaluated or saved, earlier checkpoints are unchanged")
+    big = [p.detach().abs().max() > WEIGHT_BOUND for p in module.parameters() if p.numel()]
+    if ts and not bool(torch.stack([torch.isfinite(v).all() for v in ts]
+                                   + [~b for b in big]).all()):
+        raise Diverged(f"{where}: the weights hold NaN/Inf or values beyond {WEIGHT_BOUND:g} "
+                       f"(no healthy run's exceed 2; try a smaller {BLAME}); nothing of it "
+                       "was evaluated or saved, earlier checkpoints are unchanged")
 
 
 def setup(args, script, digits="pad"):

@@ -678,6 +678,8 @@ def make_generate(G, tasks, n_classes, s_max, device):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    C.suspect(args, parse_args(["--dataset", args.dataset, "--variant", args.variant]),
+              ("lr", "lambda_ru", "lambda_gp"))  # named if training diverges
     # device, seed, data (28px digits resized to 32, as the authors do), tasks, evaluator
     env = C.setup(args, f"dgm{args.variant}", digits=args.to_32px)
     G = DGMGenerator(args.variant, env.channels, env.n_classes, args.ngf, args.nz,

@@ -276,6 +276,8 @@ def solver_sampler(G, S, batch, tries=20):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    C.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
+              ("lr", "lambda_gp", "solver_lr"))
     env = C.setup(args, "dgr")  # device, seed, data on the device, tasks, evaluator
     G = M.Generator(env.channels, None, args.dim, image_size=env.image_size,
                     fast=not args.plain_step).to(env.device)  # unconditional

@@ -418,6 +418,8 @@ def stage_source(G, D, args, state, out, device, channels, sx):
               "iterations", flush=True)
         t0 = time.time()
         train_source(G, D, sx.to(device), args, device)
+        for name, net in (("G", G), ("D", D)):  # never save diverged weights
+            C.check_finite(net, f"[source] {name}")
         state["seconds"]["source"] = time.time() - t0
         C.atomic_save({"G": G.state_dict(), "D": D.state_dict(), "args": vars(args)}, src_path)
         state.setdefault("done", []).append("source")
@@ -481,6 +483,7 @@ def stage_adapt(G, D, shots, fisher, lam, args, state, out, z_grid, measure):
         return G_ad, list(state["frames"][key])
     t0 = time.time()
     G_ad, frames, adv = adapt(G, D, shots, fisher, lam, args, z_grid)
+    C.check_finite(G_ad, f"[adapt lambda={key}] G")
     G_ad.eval()
     state["results"][key] = dict(measure(G_ad, lam, adv), seconds=time.time() - t0)
     state["adapted"][key] = G_ad.state_dict()
@@ -744,6 +747,7 @@ def report(args, out, G, shots, z_grid, grids, gif_frames, state, ev_desc, n_tar
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    C.suspect(args, parse_args([]), ("lr",))  # named if training diverges
     device = C.pick_device(args.device)
     print(f"device: {device}", flush=True)
     C.seed_everything(args.seed)

@@ -379,6 +379,8 @@ def train_task(t, G, D, env, args, ewc=None):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    C.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
+              ("lr", "lambda_gp", "lambda_cls", "ewc_lambda"))
     env = C.setup(args, f"mergan_{args.mode}")  # device, seed, data, tasks, evaluator
     if args.mode == "jt":  # the paper's JT: one task, every class of the run at once
         env.tasks = [[c for task in env.tasks for c in task]]

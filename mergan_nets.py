@@ -456,6 +456,29 @@ def load_lsun(root, train, size, per_class=LSUN_PER_CLASS):
 # ------------------------------------------------------------------------------------------
 # Table 2's measures besides Acc
 # ------------------------------------------------------------------------------------------
+def authors_classifier_body(channels):
+    """MeRGAN's own evaluator (common.make_classifier("authors"), --evaluator authors) as
+    (layers, feature size): for grey images its MNIST MLP (the 32x32 image flattened,
+    1024-512-256-128, pretrain/mnist_test.py), for colour ones its SVHN net (3x3 convs
+    32-32 | pool | 64-64 | pool | 128-128-128 | pool, then 512-128, pretrain/svhn_test.py).
+    The adaptive poolings are the identity at 32 px."""
+    if channels == 1:
+        widths = [32 * 32, 1024, 512, 256, 128]
+        body = [nn.AdaptiveAvgPool2d(32), nn.Flatten()]
+        for w_in, w_out in zip(widths, widths[1:]):
+            body += [nn.Linear(w_in, w_out), nn.ReLU()]
+        return body, 128
+    body, c_in = [], channels
+    for block in ([32, 32], [64, 64], [128, 128, 128]):
+        for c_out in block:
+            body += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+            c_in = c_out
+        body.append(nn.MaxPool2d(2))
+    body += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128 * 16, 512), nn.ReLU(),
+             nn.Linear(512, 128), nn.ReLU()]
+    return body, 128
+
+
 def reverse_accuracy(generate, classes, n, nz, test, n_classes, device, steps=1500, width=32,
                      seed=0, x=None):
     """Rev acc (MeRGAN Table 2): train a fresh classifier on n generated images per class

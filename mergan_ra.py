@@ -168,6 +168,8 @@ def train_task(t, G, D, env, args):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    C.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
+              ("lr", "lambda_ra", "lambda_gp", "lambda_cls"))
     env = C.setup(args, "mergan_ra")  # device, seed, data on the device, tasks, evaluator
     G, D = M.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
                              env.image_size, fast=not args.plain_step,

@@ -739,6 +739,35 @@ def test_check_finite_names_the_module():
         C.check_finite(net, "[task 1/2] G")
 
 
+def test_divergence_that_stays_finite_is_caught_and_names_the_flag_at_fault(monkeypatch):
+    """Losses of 1e13 and weights of 1e6 are finite: runs with --lr 1 once printed their
+    table and exited 0. Beyond the bounds (no healthy run comes near) they stop, naming
+    the flag set furthest above its default; a number that is no loss (DGM's slope s) is
+    not bounded."""
+    monkeypatch.setattr(C, "BLAME", "--lr")
+    p = C.Progress(total=4, every=1)
+    p.update(0, {"d_loss": torch.tensor(C.LOSS_BOUND * 0.99), "s": 1e9})
+    with pytest.raises(C.Diverged, match=r"d_loss = 1.01e\+06 \(NaN/Inf or beyond 1e\+06.*"
+                                         r"try a smaller --lr\)"):
+        p.update(1, {"d_loss": torch.tensor(C.LOSS_BOUND * 1.01)})
+    net = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = -C.WEIGHT_BOUND * 0.99
+    C.check_finite(net, "G")
+    with torch.no_grad():
+        net.weight[0, 0] = -C.WEIGHT_BOUND * 1.01
+    with pytest.raises(C.Diverged, match="G: the weights hold NaN/Inf or values beyond 10000"):
+        C.check_finite(net, "G")
+    usual = argparse.Namespace(lr=1e-4, lambda_ra=1e-3, lambda_gp=10.0)
+    for given, blamed in (({}, "--lr"), ({"lr": 1e-5}, "--lr"),
+                          ({"lr": 1.0}, "--lr (now 1, default 0.0001)"),
+                          ({"lr": 1.0, "lambda_ra": 1e38},
+                           "--lambda-ra (now 1e+38, default 0.001)")):
+        C.suspect(argparse.Namespace(**dict(vars(usual), **given)), usual,
+                  ("lr", "lambda_ra", "lambda_gp"))
+        assert C.BLAME == blamed
+
+
 def test_nan_images_are_never_counted_as_a_class(synth_eval):
     _, evaluator, _, train, _ = synth_eval
     x0, _ = train.subset([0])

@@ -440,7 +440,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(data_root, tmp_pa
     files = {f: (out / f).read_bytes() for f in os.listdir(out)}
     other = tmp_path / "other"
     shutil.copytree(data_root, other)
-    (cache,) = (other / "evaluators").iterdir()
+    cache = other / "evaluators" / f"synth-32px-n10000-v{C.EVALUATOR_VERSION}.pt"
     ck = torch.load(cache, weights_only=True)
     ck["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()}
     torch.save(ck, cache)
@@ -483,6 +483,15 @@ def test_a_diverged_run_stops_in_one_line_and_writes_nothing(data_root, tmp_path
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "[task 1/2] training diverged by iteration 2: d_loss = nan" in r.stderr
     assert sorted(os.listdir(tmp_path / "x")) == ["args.json"]  # no metrics, no checkpoint
+    # finite divergence: RA with a replay-alignment weight 1e38 once reached losses of 1e13
+    # and exited 0, blaming --lr; it stops in task 2 (the first with replay alignment)
+    r = subprocess.run([sys.executable, "mergan_ra.py", *TINY, "--lambda-ra", "1e38",
+                        "--iters", "20", "--log-every", "10", "--data-root", data_root,
+                        "--out", str(tmp_path / "y")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "[task 2/2] training diverged" in r.stderr, r.stderr
+    assert "try a smaller --lambda-ra (now 1e+38, default 0.001)" in r.stderr, r.stderr
 
 
 def test_divergence_in_a_later_task_keeps_the_last_good_checkpoint(data_root, tmp_path,
