@@ -120,6 +120,17 @@ def parse_run_args(parser, argv=None, run_flags=()):
     return args
 
 
+def refuse_unread(parser, argv, rules):
+    """rules {dest: (read, when)}: a flag given that this run would not read (read False)
+    is refused in one line, rather than recorded in args.json as if it had acted."""
+    unset = object()
+    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in rules})))
+    for k, (read, when) in rules.items():
+        if given[k] is not unset and not read:
+            raise UserError(f"--{k.replace('_', '-')} acts only {when}; this run would ignore "
+                            "it: drop it")
+
+
 def pick_device(name="auto"):
     """`auto` = CUDA when present, else the CPU."""
     if name == "auto":

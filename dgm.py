@@ -135,6 +135,9 @@ def parse_args(argv=None):
     for name, value in cfg.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    C.refuse_unread(p, argv, {  # flags this run would never read
+        "replay_size": (args.replay == "generated", "with --replay generated"),
+        "val_every": (args.val_split > 0, "with a validation split (--val-split above 0)")})
     return args
 
 

@@ -156,6 +156,11 @@ def parse_args(argv=None):
     if args.diversity_cap < 0 or args.diversity_cap == 1:
         raise C.UserError("--diversity-cap must be 0 (every member) or at least 2, got "
                           f"{args.diversity_cap}")
+    C.refuse_unread(p, argv, {  # flags this run would never read
+        "diversity_cap": (args.shots is not None, "with a number of --shots (not all)"),
+        "diversity_samples": (args.shots is not None, "with a number of --shots (not all)"),
+        "source_iters": (args.source_ckpt is None, "without --source-ckpt (it trains the "
+                         "source)")})
     return args
 
 

@@ -87,6 +87,13 @@ def parse_args(argv=None):
     if args.mode == "jt" and args.arch != "dcgan":
         raise C.UserError("--mode jt is Table 1's JT, for the digit nets (--arch dcgan); "
                           "Table 2 (LSUN) has no JT column")
+    C.refuse_unread(p, argv, {  # flags the chosen mode never reads
+        "jtr_weighting": (args.mode == "jtr", "with --mode jtr"),
+        "reduce_batch": (args.mode == "jtr", "with --mode jtr (its replays)"),
+        "jt_eval": (args.mode == "jt", "with --mode jt"),
+        "ewc_lambda": (args.mode == "ewc", "with --mode ewc"),
+        "fisher_samples": (args.mode == "ewc", "with --mode ewc"),
+        "inception_fid": (args.final_metrics, "with --final-metrics")})
     return args
 
 

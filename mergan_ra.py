@@ -58,6 +58,9 @@ def parse_args(argv=None):
     M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3
+    C.refuse_unread(p, argv, {  # flags this run would never read
+        "lambda_cls": (args.ra_classifier, "with --ra-classifier"),
+        "inception_fid": (args.final_metrics, "with --final-metrics")})
     return args
 
 

@@ -78,7 +78,8 @@ def mergan_task(name, t, iters, graphs, env, log_every=1000000000):
                                  critic_classes=10 if args.ra_classifier else None)
         run = mergan_ra.train_task
     else:  # jtr, ewc (the EWC baseline is a mode of mergan_jtr.py)
-        args = mergan_jtr.parse_args(["--mode", name, "--fisher-samples", "2"] + flags)
+        args = mergan_jtr.parse_args(["--mode", name] + flags
+                                     + (["--fisher-samples", "2"] if name == "ewc" else []))
         G, D = M.mergan_networks("dcgan", 1, 10, 32, 32, critic_classes=10)
         ewc = mergan_jtr.EWCState(G).to(env.device)
         run = lambda t, G, D, env, args: mergan_jtr.train_task(t, G, D, env, args, ewc)

@@ -390,7 +390,10 @@ def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
 
     # Section 3.1's setting: a new run from the source checkpoint, adapted to the whole
     # target training set; no diversity (there are no few shots to cluster around)
-    r3 = run_script(*flags, "--out", str(tmp_path / "run2"), "--source-ckpt",
+    # (without the flags such a run would not read: --source-iters, --diversity-samples)
+    unread = {"--source-iters", "--diversity-samples"}
+    kept = [w for i, w in enumerate(flags) if w not in unread and flags[i - 1] not in unread]
+    r3 = run_script(*kept, "--out", str(tmp_path / "run2"), "--source-ckpt",
                     str(out / "source.pt"), "--ewc-lambda", "0", "--shots", "all")
     assert r3.returncode == 0, r3.stderr
     assert "[source]" not in r3.stdout and "source: loaded" in r3.stdout
