@@ -9,6 +9,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -41,6 +43,12 @@ def cli(main, argv=None):
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        print(f"error: out of memory ({str(err).splitlines()[0][:120]}): try a smaller "
+              "--batch-size or --eval-samples (or another --device)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         saved = RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT))
@@ -78,6 +86,7 @@ def at_least(low):
     return _number(int, lambda v: v >= low, f"at least {low}")
 
 
+seed = _number(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)")  # torch's range
 positive = _number(float, lambda v: v > 0, "a positive number")        # rates, slopes
 non_negative = _number(float, lambda v: v >= 0, "a number >= 0")      # loss weights
 fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # shares
@@ -177,7 +186,7 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
     g.add_argument("--out", default=None, help="run folder (default: runs/<script>-<dataset>"
                    "-s<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
+    g.add_argument("--seed", type=seed, default=0, help="seed for python, numpy and torch")
     g.add_argument("--iters", type=at_least(1), default=iters,
                    help="generator iterations per task")
     g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="minibatch size")
@@ -254,12 +263,13 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
     torchvision (never downloaded again). 28x28 digits become 32x32 by `digits`: "pad" (a
     zero border, the MeRGAN authors') or "resize" (bilinear, the DGM authors')."""
     _, _, subdir, expected = dataset_info(name)
+    if root and os.path.isfile(root):
+        raise UserError(f"--data-root {root} is a file; {name} needs a folder ("
+                        + (expected or "its evaluator is cached there") + ")")
     if name.startswith("synth"):  # fixed data seeds, independent of --seed
         color = {"synth": False, "synth-color": True, "synth-amber": "amber"}[name]
         x, y = make_synth(1000 if train else 200, seed=1 if train else 2, color=color)
         return resize(x, image_size), y, [str(c) for c in range(10)]
-    if os.path.isfile(root):
-        raise UserError(f"--data-root {root} is a file; {name} needs a folder ({expected})")
     if name == "folder":
         return load_folder(root, train, image_size or 64)
     if name == "lsun":  # MeRGAN's Table 2 scenes, read from LSUN's lmdb files
@@ -303,6 +313,10 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
                         "in the " + ("training" if train else "test") + " files; they may be "
                         "truncated or from different downloads")
     names = list(getattr(ds, "classes", [])) or [str(c) for c in range(10)]
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(names):
+        raise UserError(f"dataset {name!r} in {where}: labels {int(y.min())}..{int(y.max())} in "
+                        f"the {'training' if train else 'test'} files, outside 0..{len(names) - 1}"
+                        "; they may be corrupt: delete them to download again")
     return resize(x, image_size), y, names
 
 
@@ -332,7 +346,12 @@ def load_folder(root, train, size):
     are the splits (classes matched by name), else every 10th image of a class is held out."""
     from torchvision.datasets import ImageFolder
     import torchvision.transforms as T
-    has_splits = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
+    splits = [os.path.isdir(os.path.join(root, s)) for s in ("train", "test")]
+    has_splits = all(splits)
+    if any(splits) and not has_splits:
+        raise UserError(f"folder {root} has {'train/' if splits[0] else 'test/'} but no "
+                        f"{'test/' if splits[0] else 'train/'}: give both (the same class "
+                        "sub-folders in each) or neither (every 10th image is held out)")
     tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     try:
         ds = ImageFolder(os.path.join(root, "train" if train else "test") if has_splits
@@ -355,6 +374,11 @@ def load_folder(root, train, size):
             idx = (y == c).nonzero().flatten()
             if len(idx) >= 10:  # every 10th image of the class is a test image
                 keep[idx] = (torch.arange(len(idx)) % 10 != 0) == train
+        small = [ds.classes[c] for c in y.unique() if (y == c).sum() < 10]
+        if small and not train:
+            print(f"note: folder {root}: classes {', '.join(small[:5])} have fewer than 10 "
+                  "images, so their test images are their training images: the evaluator's "
+                  "'real test accuracy' on them is not measured on held-out images", flush=True)
         x, y = x[keep], y[keep]
     return x, y, list(ds.classes)
 
@@ -793,8 +817,18 @@ def atomic_write(path, write):
     """write(tmp) to a temporary file, then rename it onto path: a kill never leaves half a
     file. Every file a run writes goes through here (checkpoints, JSON, PNG, GIF)."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save on a full disk: "unexpected pos"
+        if isinstance(err, RuntimeError) and not re.search("write|unexpected pos", str(err)):
+            raise
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        raise UserError(f"cannot write {path} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:80]}); {free:.0f} MiB free there (a full "
+                        "disk?): the last good files are kept; free space, then --resume")
 
 
 def save_json(path, obj):
@@ -971,13 +1005,14 @@ class TaskRun:
             try:
                 for name, module in models.items():
                     module.load_state_dict(env.ckpt["models"][name])
+                self.extra.update(env.ckpt.get("extra", {}))
+                self.R, self.class_acc = env.ckpt["R"], env.ckpt["class_acc"]
+                self.seconds, self.start = env.ckpt["seconds"], env.ckpt["task"] + 1
+                set_rng_state(env.ckpt["rng"])
             except (KeyError, RuntimeError) as err:  # another version's or a damaged file
                 raise UserError(f"--resume: the checkpoint in {env.out} does not fit these "
-                                f"networks: {str(err).splitlines()[0][:80]}")
-            self.extra.update(env.ckpt.get("extra", {}))
-            self.R, self.class_acc = env.ckpt["R"], env.ckpt["class_acc"]
-            self.seconds, self.start = env.ckpt["seconds"], env.ckpt["task"] + 1
-            set_rng_state(env.ckpt["rng"])
+                                f"networks or lacks a part ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:80]})")
             print(f"resuming after task {self.start}/{len(env.tasks)} from {env.out}",
                   flush=True)
         self.all_classes = [c for task in env.tasks for c in task]

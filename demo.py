@@ -23,7 +23,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="folder for the runs' outputs")
     p.add_argument("--data-root", default="./data", help="where the evaluator is cached")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--seed", type=C.seed, default=0, help="seed of every run")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--with-jtr", action="store_true", help="also run MeRGAN-JTR")
     p.add_argument("--with-dgr", action="store_true", help="also run DGR (an unconditional "

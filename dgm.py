@@ -135,6 +135,10 @@ def parse_args(argv=None):
     for name, value in cfg.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    n_classes = C.dataset_info(args.dataset)[1]  # None for folder: checked in main
+    if n_classes and args.nz < n_classes:
+        raise C.UserError(f"--nz {args.nz}: the label's one-hot is written into the noise's "
+                          f"first entries, so --nz must be at least {n_classes} on {args.dataset}")
     C.refuse_unread(p, argv, {  # flags this run would never read
         "replay_size": (args.replay == "generated", "with --replay generated"),
         "val_every": (args.val_split > 0, "with a validation split (--val-split above 0)")})
@@ -685,6 +689,8 @@ def main(argv=None):
               ("lr", "lambda_ru", "lambda_gp"))  # named if training diverges
     # device, seed, data (28px digits resized to 32, as the authors do), tasks, evaluator
     env = C.setup(args, f"dgm{args.variant}", digits=args.to_32px)
+    if args.nz < env.n_classes:  # a folder's class count is known only now
+        raise C.UserError(f"--nz {args.nz} must be at least the {env.n_classes} classes")
     G = DGMGenerator(args.variant, env.channels, env.n_classes, args.ngf, args.nz,
                      env.image_size).to(env.device)
     D = SolverD(env.channels, env.n_classes, args.ndf, env.image_size,

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--out", default=None, help="run folder (default: "
                    "runs/ewc_fewshot-<source>-to-<target>-s<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch; "
+    g.add_argument("--seed", type=C.seed, default=0, help="seed for python, numpy and torch; "
                    "also picks the K shots")
     g.add_argument("--batch-size", type=C.at_least(1), default=64, help="minibatch size")
     g.add_argument("--log-every", type=C.at_least(1), default=100,
@@ -149,6 +149,11 @@ def parse_args(argv=None):
         raise C.UserError("--ewc-lambda needs at least one value, each finite and >= 0")
     for name in (args.source, args.target):
         C.dataset_info(name)  # unknown names: one-line error
+    for side in ("source", "target"):
+        root = getattr(args, f"{side}_root")
+        if root and os.path.isfile(root):  # else load_dataset's message names --data-root
+            raise C.UserError(f"--{side}-root {root} is a file; {getattr(args, side)} needs a "
+                              "folder")
     args.source_root = args.source_root or args.data_root
     args.target_root = args.target_root or args.data_root
     # the run folder, checkpoints and --resume key on this name
@@ -407,6 +412,10 @@ def stage_source(G, D, args, state, out, device, channels, sx):
         print("source: resumed from the checkpoint", flush=True)
     elif args.source_ckpt:
         src = C.load_checkpoint(args.source_ckpt)
+        if not {"G", "D"} <= set(src):
+            raise C.UserError(f"--source-ckpt {args.source_ckpt} is not a few-shot source (the "
+                              "source.pt of an ewc_fewshot.py run folder); it holds "
+                              f"{', '.join(sorted(map(str, src))[:6])}")
         try:
             G.load_state_dict(src["G"]), D.load_state_dict(src["D"])
         except (KeyError, RuntimeError) as err:
@@ -777,8 +786,6 @@ def main(argv=None):
     print(f"target {args.target}: {len(tx)} images {tuple(tx.shape[1:])}, {len(shots)} shots "
           f"(indices {shot_idx.tolist()[:10]}{' ...' if len(shots) > 10 else ''}); "
           f"run folder {out}", flush=True)
-    C.write_image(os.path.join(out, "shots.png"),  # at most 100 of them
-                    C.image_grid(C.to_float(shots[:100]), nrow=min(10, len(shots))))
     G = DCGANGenerator(channels, args.dim, args.nz, size).to(device)
     D = DCGANDiscriminator(channels, args.dim, size).to(device)
     dcgan_init(G)  # D initialises itself (spectral norm)
@@ -790,6 +797,10 @@ def main(argv=None):
     # Stage 1: the source GAN. Frozen from here on (adaptation fine-tunes copies); eval():
     # spectral norm stops its power iteration, so not even D's buffers change in stage 2.
     stage_source(G, D, args, state, out, device, channels, sx)
+    # after the first checkpoint: a run stopped before it leaves only args.json, so the
+    # same command can start again in the same folder
+    C.write_image(os.path.join(out, "shots.png"),  # at most 100 of them
+                  C.image_grid(C.to_float(shots[:100]), nrow=min(10, len(shots))))
     G.eval(), D.eval()
     with torch.no_grad():
         C.write_image(os.path.join(out, "source_samples.png"),

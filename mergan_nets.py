@@ -435,7 +435,12 @@ def load_lsun(root, train, size, per_class=LSUN_PER_CLASS):
     xs, ys = [], []
     for label, path in enumerate(paths):
         print(f"lsun: decoding {os.path.basename(path)} ...", flush=True)
-        db = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+        try:
+            db = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as err:  # e.g. an empty folder: no data.mdb
+            raise C.UserError(f"lsun: {path} is not an lmdb database ({err}); unzip LSUN's "
+                              "download there")
+        n = len(ys)
         with db.begin(write=False) as txn:
             for i, (_, value) in enumerate(txn.cursor()):
                 if train and i >= per_class:
@@ -447,6 +452,8 @@ def load_lsun(root, train, size, per_class=LSUN_PER_CLASS):
                     raise C.UserError(f"lsun: image {i} of {path} cannot be decoded ({err})")
                 ys.append(label)
         db.close()
+        if len(ys) == n:
+            raise C.UserError(f"lsun: {path} holds no images")
     x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.long)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     C.atomic_save({"x": x, "y": y}, cache)

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--no-download", action="store_true", help="never try the network")
     p.add_argument("--out", default=None, help="folder of the whole table (default "
                    "runs/table1-<dataset>-s<seed>); an existing one is resumed")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--seed", type=C.seed, default=0, help="seed of every run")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                    help=f"comma-separated columns to run, of {', '.join(COLUMNS)} (default: "

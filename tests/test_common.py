@@ -580,11 +580,16 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     script, a damaged file): one UserError, not a traceback from load_state_dict."""
     env = argparse.Namespace(ckpt={"models": {"G": {"weight": torch.zeros(3)}}},
                              tasks=[[0]], device="cpu", out=str(tmp_path), evaluator_acc=0.0)
-    with pytest.raises(C.UserError, match="does not fit these networks: Error"):
+    with pytest.raises(C.UserError, match="does not fit these networks or lacks a part "
+                                          r"\(RuntimeError: Error"):
         C.TaskRun(_args(tmp_path), env, "x", {"G": torch.nn.Linear(2, 2)}, generate=None)
     env.ckpt = {"task": 0}
-    with pytest.raises(C.UserError, match="does not fit these networks: 'models'"):
+    with pytest.raises(C.UserError, match="lacks a part \\(KeyError: 'models'\\)"):
         C.TaskRun(_args(tmp_path), env, "x", {"G": torch.nn.Linear(2, 2)}, generate=None)
+    G = torch.nn.Linear(2, 2)  # models that fit, without the rest (once a traceback)
+    env.ckpt = {"models": {"G": G.state_dict()}, "task": 0}
+    with pytest.raises(C.UserError, match="lacks a part \\(KeyError: 'R'\\)"):
+        C.TaskRun(_args(tmp_path), env, "x", {"G": G}, generate=None)
 
 
 def test_training_the_evaluator_leaves_every_random_generator_as_found():
@@ -802,6 +807,10 @@ def test_nan_images_are_never_counted_as_a_class(synth_eval):
     ("dgm.py", ["--val-split", "1"], "--val-split: must be a number in [0, 1), got 1"),
     ("dgm.py", ["--val-split", "nan"], "--val-split: must be a number in [0, 1)"),
     ("dgm.py", ["--val-every", "0"], "--val-every: must be at least 1"),
+    ("mergan_ra.py", ["--seed", str(2**64)], "--seed: must be an integer in [0, 2^63)"),
+    ("ewc_fewshot.py", ["--seed", "-1"], "--seed: must be an integer in [0, 2^63)"),
+    ("mergan_jtr.py", ["--image-size", "1"], "--image-size: must be at least 4"),
+    ("dgm.py", ["--dataset", "synth", "--nz", "5"], "--nz must be at least 10 on synth"),
 ])
 def test_numbers_out_of_range_are_user_errors(script, flags, msg):
     """Every script's numeric flags are checked by their argparse types, at parse time
@@ -1116,3 +1125,62 @@ def test_every_file_a_run_writes_is_replaced_whole_or_not_at_all(tmp_path, monke
             with pytest.raises(KeyboardInterrupt):
                 write(path)
         assert open(path, "rb").read() == before, name
+
+
+def test_what_once_ended_in_a_traceback_is_one_line(tmp_path, image_folder, capsys):
+    """Issue 27's tracebacks and unclear messages, each now one UserError naming the file or
+    flag: MNIST labels outside its classes, a data root that is a file (synth too, whose
+    evaluator is cached there), a folder with train/ but no test/, an out-of-memory
+    error (cli); and a class of fewer than 10 images is said to be judged on its training
+    images."""
+    write_fake_mnist(tmp_path / "m")
+    lab = tmp_path / "m" / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    lab.write_bytes(lab.read_bytes()[:-1] + bytes([12]))
+    with pytest.raises(C.UserError, match=r"labels 0..12 in the training files, outside 0..9"):
+        C.load_dataset("mnist", str(tmp_path / "m"), True, download=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(C.UserError, match="is a file; synth needs a folder"):
+        C.load_dataset("synth", str(tmp_path / "file"))
+    (image_folder / "train").mkdir()
+    with pytest.raises(C.UserError, match="has train/ but no test/"):
+        C.load_dataset("folder", str(image_folder), False)
+    (image_folder / "train").rmdir()
+    C.load_dataset("folder", str(image_folder), False, image_size=8)  # 12 images a class
+    assert "note:" not in capsys.readouterr().out
+    for f in sorted((image_folder / "class1").iterdir())[3:]:
+        f.unlink()
+    C.load_dataset("folder", str(image_folder), False, image_size=8)
+    assert "classes class1 have fewer than 10 images, so their test images are their " \
+           "training images" in capsys.readouterr().out
+
+    def oom(argv):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    with pytest.raises(SystemExit) as e:
+        C.cli(oom, [])
+    assert e.value.code == 2
+    assert "out of memory (CUDA out of memory. Tried to allocate 9.00 GiB): try a smaller " \
+           "--batch-size" in capsys.readouterr().err
+
+    def bug(argv):
+        raise RuntimeError("a bug, not the user's")
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors stay tracebacks
+        C.cli(bug, [])
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_file(tmp_path, monkeypatch):
+    """torch.save on a full disk raised 'RuntimeError: unexpected pos ...' with no word of
+    disk space; now a write that fails says so, removes its partial file and keeps the
+    previous one."""
+    path = str(tmp_path / "checkpoint.pt")
+    C.atomic_save({"task": 0}, path)
+    for err in (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 "
+                             "vs 0"), OSError(28, "No space left on device")):
+        def full(obj, target, err=err):
+            open(target, "wb").write(b"par")
+            raise err
+        monkeypatch.setattr(C.torch, "save", full)
+        with pytest.raises(C.UserError, match=r"cannot write .*checkpoint.pt .* MiB free there "
+                                              r"\(a full disk\?\): the last good files are kept"):
+            C.atomic_save({"task": 1}, path)
+        monkeypatch.undo()
+        assert torch.load(path) == {"task": 0} and os.listdir(tmp_path) == ["checkpoint.pt"]

@@ -440,6 +440,13 @@ def test_user_errors_are_one_line(tmp_path):
     cases.append((["--source", "synth", "--target", "synth-amber", "--source-ckpt",
                    str(tmp_path / "missing.pt"), "--dim", "4", "--out", str(tmp_path / "r2")],
                   "missing.pt not found"))  # once: "corrupt ... delete it"
+    other = tmp_path / "mergan.pt"  # another script's checkpoint (once blamed on the dim)
+    torch.save({"models": {}, "R": []}, other)
+    cases.append((["--source", "synth", "--target", "synth-amber", "--source-ckpt",
+                   str(other), "--dim", "4", "--out", str(tmp_path / "r3")],
+                  "is not a few-shot source (the source.pt of an ewc_fewshot.py run folder)"))
+    cases.append((["--target", "folder", "--target-root", str(bad)],
+                  f"--target-root {bad} is a file"))  # once reported as --data-root
     for flags, msg in cases:
         r = run_script(*flags, "--data-root", str(tmp_path))
         assert r.returncode == 2, (flags, r.stderr)

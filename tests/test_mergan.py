@@ -694,3 +694,12 @@ def test_ra_keeps_the_classifier_head_as_the_authors_code():
     assert losses[()] > losses[("--lambda-cls", "0")] + 1.0
     assert losses[("--lambda-cls", "0")] == pytest.approx(losses[("--no-ra-classifier",)],
                                                           abs=1e-3)
+
+
+def test_empty_lsun_lmdb_folders_are_one_line(tmp_path):
+    """Empty <category>_train_lmdb folders once ended in lmdb.Error's traceback."""
+    pytest.importorskip("lmdb", reason="the lsun loader reads lmdb databases")
+    for c in M.LSUN_CATEGORIES:
+        (tmp_path / f"{c}_train_lmdb").mkdir()
+    with pytest.raises(C.UserError, match="bedroom_train_lmdb is not an lmdb database"):
+        M.load_lsun(str(tmp_path), True, 8)
