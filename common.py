@@ -663,16 +663,22 @@ def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
     return model, acc
 
 
+ACC_CHUNK = 64000  # generated images held at once (a multiple of 64 and of classify's 1000)
+
+
 @torch.no_grad()
 def generated_accuracy(generate, evaluator, classes, n, nz, device, batch=64):
     """MeRGAN's Acc: for each class, the evaluator's accuracy (%) on n images generated
     with that label (single-class batches). Returns {class: accuracy}."""
     out = {}
     for c in classes:
-        x = generate_class(generate, c, n, nz, device, batch)
-        # an image with NaN/Inf pixels is never a digit (argmax of NaN logits would say 0)
-        pred = classify(evaluator, x).masked_fill(~torch.isfinite(x).flatten(1).all(1), -1)
-        out[c] = 100.0 * (pred == c).float().mean().item()
+        hits = []
+        for i in range(0, n, ACC_CHUNK):  # memory bounded whatever n
+            x = generate_class(generate, c, min(ACC_CHUNK, n - i), nz, device, batch)
+            # an image with NaN/Inf pixels is never a digit (argmax of NaN logits: 0)
+            pred = classify(evaluator, x).masked_fill(~torch.isfinite(x).flatten(1).all(1), -1)
+            hits.append(pred == c)
+        out[c] = 100.0 * torch.cat(hits).float().mean().item()
     return out
 
 

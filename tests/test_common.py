@@ -408,6 +408,22 @@ def test_evaluator_cache_is_reused_and_corrupt_cache_retrains(synth_eval, tmp_pa
     assert "unreadable" in logs[0] and path.stat().st_size > 1000
 
 
+def test_generated_accuracy_in_chunks_equals_all_at_once(synth_eval, monkeypatch):
+    """Acc holds at most ACC_CHUNK images at once (a huge --eval-samples once exhausted the
+    memory); the noise is drawn in the same order, so chunks change nothing."""
+    _, model, _, train, _ = synth_eval
+
+    def blurry(z, y):  # images of class y, some of them wrong: an Acc strictly inside 0..100
+        x, _ = train.batch(len(y), [int(y[0])])
+        return x + 2.0 * z[:, :1, None, None] * (z[:, 1:2, None, None] > 0.5)
+    torch.manual_seed(0)
+    whole = C.generated_accuracy(blurry, model, [0, 3], 320, 4, torch.device("cpu"))
+    monkeypatch.setattr(C, "ACC_CHUNK", 128)
+    torch.manual_seed(0)
+    chunks = C.generated_accuracy(blurry, model, [0, 3], 320, 4, torch.device("cpu"))
+    assert chunks == whole and all(0 < v < 100 for v in whole.values()), whole
+
+
 def test_generated_accuracy_with_known_generators(synth_eval):
     _, model, _, _, test = synth_eval
     pools = {c: test.subset([c])[0] for c in range(10)}
@@ -1184,3 +1200,22 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_file(tmp_path, monkeypa
             C.atomic_save({"task": 1}, path)
         monkeypatch.undo()
         assert torch.load(path) == {"task": 0} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_healthy_bounds_reads_the_largest_loss_and_weight(tmp_path, capsys):
+    """benchmarks/healthy_bounds.py, the measurement behind LOSS_BOUND and WEIGHT_BOUND."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import healthy_bounds
+    (tmp_path / "ra.log").write_text(
+        "[task 1/5] it     20/200  d_loss -3.5000  g_loss +12.0000  ra_loss +0.0000  "
+        "50.00 it/s  ETA 0:03\n[task 2/5] it     20/200  d_loss +7.2500  g_loss -2.0000  "
+        "ra_loss +1237.3044  s +50000.0000   49.00 it/s  ETA 0:02\n")
+    G = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        G.weight[0, 1] = -1.75
+    torch.save({"models": {"G": G.state_dict()}}, tmp_path / "checkpoint.pt")
+    healthy_bounds.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+            if line.split() and line.split()[0] in ("d_loss", "g_loss", "ra_loss", "s", "G")}
+    assert rows == {"d_loss": 7.25, "g_loss": 12.0, "ra_loss": 1237.30, "G": 1.75}, out

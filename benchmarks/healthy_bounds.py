@@ -1,0 +1,54 @@
+"""How far healthy runs go: the largest |value| of every loss in the progress lines of run
+logs, and the largest |parameter| in their checkpoints. These set common.LOSS_BOUND and
+WEIGHT_BOUND (docs/core.md, "Divergence"), which must sit far above them.
+
+    python benchmarks/healthy_bounds.py runs/table1-mnist-s0        # a table's folder
+    python benchmarks/healthy_bounds.py runs/*                      # any run folders
+
+Reads every *.log and checkpoint.pt below the given folders (a run's own folder has no log:
+pass the table folder or save the output of a run with `| tee run.log`).
+"""
+import os
+import re
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common as C  # noqa: E402
+
+LOSS = re.compile(r"\] it +\d+/\d+ +(.*?) +[\d.]+ it/s")
+
+
+def main(folders):
+    losses, weights = {}, {}  # name -> (largest |value|, where)
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for f in files:
+                path = os.path.join(root, f)
+                if f.endswith(".log"):
+                    for line in open(path, errors="replace"):
+                        m = LOSS.search(line)
+                        for k, v in re.findall(r"(\w+) ([+-][\d.]+)", m.group(1) if m else ""):
+                            if k != "s" and abs(float(v)) > losses.get(k, (0,))[0]:
+                                losses[k] = (abs(float(v)), path)  # DGM's slope s: no loss
+                elif f == "checkpoint.pt":
+                    for name, sd in torch.load(path, map_location="cpu",
+                                               weights_only=False).get("models", {}).items():
+                        big = max((float(v.abs().max()) for v in sd.values() if torch.is_tensor(v)
+                                   and v.is_floating_point() and v.numel()), default=0.0)
+                        if big > weights.get(name, (0,))[0]:
+                            weights[name] = (big, path)
+    print(C.fmt_table(["loss", "largest |value|", "in"],
+                      [[k, v, p] for k, (v, p) in sorted(losses.items(), key=lambda kv: kv[1])]))
+    print(f"bound {C.LOSS_BOUND:g}\n")
+    print(C.fmt_table(["model", "largest |weight or buffer|", "in"],
+                      [[k, v, p] for k, (v, p) in sorted(weights.items(), key=lambda kv: kv[1])]))
+    print(f"bound {C.WEIGHT_BOUND:g} (on parameters)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
