@@ -902,8 +902,8 @@ def save_gif(frames, path, seconds_per_frame=0.8):
                                                    duration=1000 * seconds_per_frame))
 
 
-# Divergence that stays finite: beyond bounds no healthy run reaches (measured healthy
-# maxima: |loss| 2,062, |weight| 1.5; docs/core.md), as divergent ones do (1e13 and more).
+# Divergence that stays finite: beyond bounds no healthy run reaches (largest measured:
+# |loss| 1,237, |parameter| 1.53; benchmarks/healthy_bounds.py), divergent ones do (1e13).
 LOSS_BOUND, WEIGHT_BOUND = 1e6, 1e4
 BLAME = "--lr"  # the flag most likely at fault when training diverges (suspect)
 
@@ -956,8 +956,8 @@ def check_finite(module, where):
     if ts and not bool(torch.stack([torch.isfinite(v).all() for v in ts]
                                    + [~b for b in big]).all()):
         raise Diverged(f"{where}: the weights hold NaN/Inf or values beyond {WEIGHT_BOUND:g} "
-                       f"(no healthy run's exceed 2; try a smaller {BLAME}); nothing of it "
-                       "was evaluated or saved, earlier checkpoints are unchanged")
+                       f"(those of healthy runs stay below 2; try a smaller {BLAME}); nothing "
+                       "of it was evaluated or saved, earlier checkpoints are unchanged")
 
 
 def setup(args, script, digits="pad"):

@@ -33,19 +33,26 @@ def main(folders):
                         for k, v in re.findall(r"(\w+) ([+-][\d.]+)", m.group(1) if m else ""):
                             if k != "s" and abs(float(v)) > losses.get(k, (0,))[0]:
                                 losses[k] = (abs(float(v)), path)  # DGM's slope s: no loss
-                elif f == "checkpoint.pt":
-                    for name, sd in torch.load(path, map_location="cpu",
-                                               weights_only=False).get("models", {}).items():
-                        big = max((float(v.abs().max()) for v in sd.values() if torch.is_tensor(v)
-                                   and v.is_floating_point() and v.numel()), default=0.0)
-                        if big > weights.get(name, (0,))[0]:
-                            weights[name] = (big, path)
+                elif f in ("checkpoint.pt", "source.pt"):  # few-shot: source, adapted Gs
+                    ck = torch.load(path, map_location="cpu", weights_only=False)
+                    models = dict(ck.get("models", {}), **{k: ck[k] for k in ("G", "D") if k
+                                                             in ck})
+                    models.update({"G": sd for sd in ck.get("adapted", {}).values()})
+                    for name, sd in models.items():
+                        for kind in ("parameters", "BN running statistics"):
+                            big = max((float(v.abs().max()) for k, v in sd.items()
+                                       if torch.is_tensor(v) and v.is_floating_point()
+                                       and v.numel() and ("running_" in k) == (kind[0] == "B")),
+                                      default=0.0)
+                            if big > weights.get((name, kind), (0,))[0]:
+                                weights[(name, kind)] = (big, path)
     print(C.fmt_table(["loss", "largest |value|", "in"],
                       [[k, v, p] for k, (v, p) in sorted(losses.items(), key=lambda kv: kv[1])]))
     print(f"bound {C.LOSS_BOUND:g}\n")
-    print(C.fmt_table(["model", "largest |weight or buffer|", "in"],
-                      [[k, v, p] for k, (v, p) in sorted(weights.items(), key=lambda kv: kv[1])]))
-    print(f"bound {C.WEIGHT_BOUND:g} (on parameters)")
+    print(C.fmt_table(["model", "of its", "largest |value|", "in"],
+                      [[*k, v, p] for k, (v, p) in sorted(weights.items(),
+                                                          key=lambda kv: kv[1])]))
+    print(f"bound {C.WEIGHT_BOUND:g} (on parameters only)")
 
 
 if __name__ == "__main__":
