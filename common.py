@@ -4,6 +4,7 @@ here. Images are float tensors in [-1, 1], NCHW; datasets are held as uint8 tens
 compute device and converted per minibatch; labels keep the dataset's own class ids.
 """
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -829,12 +830,17 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as err:  # torch.save on a full disk: "unexpected pos"
         if isinstance(err, RuntimeError) and not re.search("write|unexpected pos", str(err)):
             raise
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+            free = f"; {free:.0f} MiB free there"
+        except OSError:
+            free = ""
+        full = isinstance(err, RuntimeError) or err.errno in (errno.ENOSPC, errno.EDQUOT)
         raise UserError(f"cannot write {path} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:80]}); {free:.0f} MiB free there (a full "
-                        "disk?): the last good files are kept; free space, then --resume")
+                        f"{str(err).splitlines()[0][:80]}){free}" + (" (a full disk?)" if full
+                                                                     else "")
+                        + ": the last good files are kept; fix it, then --resume")
 
 
 def save_json(path, obj):
@@ -922,7 +928,8 @@ def suspect(args, usual, flags):
 class Progress:
     """A progress line every `every` iterations: losses, it/s and ETA. `update(it, losses)`
     reads the loss tensors (one host sync) only when it prints: no `.item()` in the loop.
-    A loss (tensor) that is NaN/Inf or beyond LOSS_BOUND stops the run (Diverged)."""
+    A value that is NaN/Inf, or a loss (tensor) beyond LOSS_BOUND, stops the run (Diverged);
+    not bounded: penalties (their size is their lambda's, e.g. EWC's 1e9) and e.g. DGM's s."""
 
     def __init__(self, total, every, prefix=""):
         self.total, self.every, self.prefix, self.t0 = total, max(1, every), prefix, time.time()
@@ -938,7 +945,7 @@ class Progress:
         print(f"{self.prefix}it {done:>6}/{self.total}  {parts}  {rate:6.2f} it/s  "
               f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}", flush=True)
         bad = [f"{k} = {v:g}" for k, v in values.items() if not math.isfinite(v) or (
-            torch.is_tensor(losses[k]) and abs(v) > LOSS_BOUND)]  # not e.g. DGM's slope s
+            torch.is_tensor(losses[k]) and "penalty" not in k and abs(v) > LOSS_BOUND)]
         if bad:  # checked where the values are read anyway: no extra sync in the loop
             raise Diverged(f"{self.prefix}training diverged by iteration {done}: "
                            f"{', '.join(bad)} (NaN/Inf or beyond {LOSS_BOUND:g}, which no "

@@ -33,11 +33,13 @@ def main(folders):
                         for k, v in re.findall(r"(\w+) ([+-][\d.]+)", m.group(1) if m else ""):
                             if k != "s" and abs(float(v)) > losses.get(k, (0,))[0]:
                                 losses[k] = (abs(float(v)), path)  # DGM's slope s: no loss
+                                # (penalties, e.g. ewc_penalty, are listed but not bounded)
                 elif f in ("checkpoint.pt", "source.pt"):  # few-shot: source, adapted Gs
                     ck = torch.load(path, map_location="cpu", weights_only=False)
                     models = dict(ck.get("models", {}), **{k: ck[k] for k in ("G", "D") if k
                                                              in ck})
-                    models.update({"G": sd for sd in ck.get("adapted", {}).values()})
+                    models.update({f"G lambda {k}": sd for k, sd in ck.get("adapted",
+                                                                           {}).items()})
                     for name, sd in models.items():
                         for kind in ("parameters", "BN running statistics"):
                             big = max((float(v.abs().max()) for k, v in sd.items()

@@ -299,10 +299,12 @@ os.execv(sys.argv[2], sys.argv[2:])"""
 def lock(out):
     """Hold --out for this command (released when it exits, however): a second table
     command on the same folder would run the same runs twice at once."""
+    if getattr(lock, "held", None):  # an earlier main() of this process: not another
+        lock.held.close()
     f = open(os.path.join(out, "table1.lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.seek(0)
         raise C.UserError(f"another table command (pid {f.read().strip() or '?'}) is running "
                           f"in {out}; wait for it or stop it, then run this again")

@@ -767,7 +767,8 @@ def test_divergence_that_stays_finite_is_caught_and_names_the_flag_at_fault(monk
     not bounded."""
     monkeypatch.setattr(C, "BLAME", "--lr")
     p = C.Progress(total=4, every=1)
-    p.update(0, {"d_loss": torch.tensor(C.LOSS_BOUND * 0.99), "s": 1e9})
+    p.update(0, {"d_loss": torch.tensor(C.LOSS_BOUND * 0.99), "s": 1e9,  # s: no loss,
+                 "ewc_penalty": torch.tensor(5e9)})  # a penalty's size is its lambda's
     with pytest.raises(C.Diverged, match=r"d_loss = 1.01e\+06 \(NaN/Inf or beyond 1e\+06.*"
                                          r"try a smaller --lr\)"):
         p.update(1, {"d_loss": torch.tensor(C.LOSS_BOUND * 1.01)})
@@ -1200,6 +1201,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_file(tmp_path, monkeypa
             C.atomic_save({"task": 1}, path)
         monkeypatch.undo()
         assert torch.load(path) == {"task": 0} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+    def denied(obj, target):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(C.torch, "save", denied)
+    with pytest.raises(C.UserError) as err:  # not every failed write is a full disk
+        C.atomic_save({"task": 1}, path)
+    assert "Permission denied" in str(err.value) and "full disk" not in str(err.value)
 
 
 def test_healthy_bounds_reads_the_largest_loss_and_weight(tmp_path, capsys):

@@ -260,9 +260,10 @@ def run_script(args, timeout=900):
                  marks=pytest.mark.slow)])
 def test_dgm_runs_end_to_end(variant, dataset, extra, data_root, tmp_path):
     out = tmp_path / "run"
-    r = run_script(extra + ["--dataset", dataset, "--variant", variant, "--classes", "0,1",
-                    "--iters", "8", "--epochs", "2", "--ngf", "4", "--ndf", "8",
-                    "--replay-size", "64", "--eval-samples", "32", "--log-every", "4",
+    replay = [] if "--replay" in extra else ["--replay-size", "64"]  # none: no replays
+    r = run_script(extra + replay + ["--dataset", dataset, "--variant", variant, "--classes",
+                    "0,1", "--iters", "8", "--epochs", "2", "--ngf", "4", "--ndf", "8",
+                    "--eval-samples", "32", "--log-every", "4",
                     "--data-root", data_root, "--out", str(out), "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
