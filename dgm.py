@@ -424,8 +424,9 @@ class SolverD(nn.Module):
 def s_schedule(it, iters, epochs, s_max, variant):
     """The authors' annealing of the mask slope within a task. Returns (s, s_ep).
     Per epoch e of E: s_ep = (s_max - 1/s_max) e / E + 1/s_max. DGM-w also anneals within the
-    epoch, from 1/s_ep to s_ep (for the first epochs, where s_ep < 1, we keep s = s_ep: the
-    authors' formula would run from above s_max down to s_ep there)."""
+    epoch, from 1/s_ep to s_ep (where s_ep < 1 -- with the authors' settings epoch 0 only,
+    s_ep = 1/s_max -- we keep s = s_ep: their formula would run down from 1/s_ep, there
+    s_max itself, to s_ep)."""
     per = iters / epochs
     e = min(int(it / per), epochs - 1)
     s_ep = (s_max - 1 / s_max) * e / epochs + 1 / s_max
