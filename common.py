@@ -99,6 +99,13 @@ RUN_FLAGS = ("out", "device", "data_root", "no_download", "log_every", "max_task
 PER_CALL = ("resume", "max_tasks")  # belong to one call: never taken from args.json
 
 
+def given_flags(parser, argv=None):
+    """{dest: value} of the flags given on the command line (defaults left out)."""
+    unset = object()  # argparse keeps what a namespace already has: only given flags change
+    ns = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {k: v for k, v in vars(ns).items() if v is not unset}
+
+
 def parse_run_args(parser, argv=None, run_flags=()):
     """parser.parse_args(argv); with --resume, the experiment's flags come from the run's
     args.json: a flag given again keeps its value unless it is in RUN_FLAGS or `run_flags`."""
@@ -115,17 +122,15 @@ def parse_run_args(parser, argv=None, run_flags=()):
         raise UserError(f"--resume: {args.out} holds no run (no args.json): nothing to resume")
     except (OSError, ValueError) as err:
         raise UserError(f"--resume: {path} cannot be read ({type(err).__name__})")
-    unset = object()  # argparse keeps what a namespace already has: only given flags change
-    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
+    given = given_flags(parser, argv)
     may_change = set(RUN_FLAGS) | set(PER_CALL) | set(run_flags)
     changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {given[k]!r}" for k in sorted(old)
-               if k in given and given[k] is not unset and k not in may_change
-               and given[k] != old[k]]
+               if k in given and k not in may_change and given[k] != old[k]]
     if changed:
         raise UserError(f"--resume: the run in {args.out} was made with other settings "
                         f"({'; '.join(changed)}); resume it with its own or use another --out")
     for k, v in old.items():
-        if k in given and given[k] is unset and k not in PER_CALL:
+        if hasattr(args, k) and k not in given and k not in PER_CALL:
             setattr(args, k, v)
     return args
 
@@ -133,10 +138,9 @@ def parse_run_args(parser, argv=None, run_flags=()):
 def refuse_unread(parser, argv, rules):
     """rules {dest: (read, when)}: a flag given that this run would not read (read False)
     is refused in one line, rather than recorded in args.json as if it had acted."""
-    unset = object()
-    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in rules})))
+    given = given_flags(parser, argv)
     for k, (read, when) in rules.items():
-        if given[k] is not unset and not read:
+        if k in given and not read:
             raise UserError(f"--{k.replace('_', '-')} acts only {when}; this run would ignore "
                             "it: drop it")
 
