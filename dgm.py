@@ -36,28 +36,29 @@ import torch.nn.functional as F
 import common as C
 
 # The authors' cfg/*.yml (docs/dgm.md, "Hyperparameters"), plus their per-config switches:
-# keep_d (= not reinit_D), aux_g (the AC loss on G), and the share of each class's training
-# images held out for model selection (their loaders: 15% MNIST, 10% SVHN). Rows without an
+# keep_d (= not reinit_D), aux_g (the AC loss on G), the share of each class's training
+# images held out for model selection (their loaders: 15% MNIST, 10% SVHN) and the epochs
+# between validation checks (DGMw.py: every 2; DGMa.py: `epoch % 5 == 0`). Rows without an
 # authors' config are our choices, marked "ours"; docs/dgm.md says why.
 DIGITS = dict(lambda_gp=1.0, ndf=32, batch_size=64, keep_d=False, aux_g=False)
 CONFIGS = {
     ("mnist", "w"): dict(DIGITS, epochs=101, lr=2e-3, s_max=1e4, lambda_ru=0.08, ngf=6,
-                         val_split=0.15),
+                         val_split=0.15, val_every=2),
     ("mnist", "a"): dict(DIGITS, epochs=101, lr=2e-3, s_max=1e5, lambda_ru=0.01, ngf=20,
-                         val_split=0.15),
+                         val_split=0.15, val_every=5),
     ("svhn", "w"): dict(DIGITS, epochs=151, lr=5e-4, s_max=1e4, lambda_ru=0.001, ngf=6,
-                        val_split=0.10),
+                        val_split=0.10, val_every=2),
     ("svhn", "a"): dict(DIGITS, epochs=151, lr=5e-4, s_max=1e5, lambda_ru=0.001, ngf=20,
-                        val_split=0.10),                                     # ours
+                        val_split=0.10, val_every=5),                        # ours
     # `folder`: the hyperparameters and switches of the authors' ImageNet-50 run (32 px,
     # D kept, AC loss on G) on OUR digit networks, not their ResNet G / ResNet-18 D: this
     # is our 32px folder config, not the paper's ImageNet-50 setting (docs/dgm.md).
     ("folder", "w"): dict(epochs=101, lr=2e-4, s_max=1e4, lambda_ru=0.001, lambda_gp=0.6,
                           ngf=64, ndf=128, batch_size=70, keep_d=True, aux_g=True,
-                          val_split=0.10),                                   # ours (see above)
+                          val_split=0.10, val_every=2),                      # ours (see above)
     ("folder", "a"): dict(epochs=101, lr=2e-4, s_max=1e5, lambda_ru=0.001, lambda_gp=0.6,
                           ngf=64, ndf=128, batch_size=70, keep_d=True, aux_g=True,
-                          val_split=0.10),                                   # ours
+                          val_split=0.10, val_every=5),                      # ours
 }
 # Datasets without a config borrow one: grey digits -> MNIST's, colour -> SVHN's. The offline
 # sets (1,000 images per class = 16 batches an epoch) are for CPU budgets: fewer epochs.
@@ -119,9 +120,9 @@ def parse_args(argv=None):
                         "(authors: 0.15 MNIST, 0.10 SVHN); A_t is reported at the "
                         "best-validation check, beside the final model's. 0: no split, report "
                         "the final model")
-    p.add_argument("--val-every", type=C.at_least(1), default=2,
-                   help="epochs between validation checks of the solver (authors: 2), and one "
-                        "at the end of each task")
+    p.add_argument("--val-every", type=C.at_least(1), default=None,
+                   help="epochs between validation checks of the solver, and one at the end "
+                        "of each task (default, authors: 2 for DGM-w, 5 for DGM-a)")
     p.add_argument("--to-32px", default="resize", choices=["resize", "pad"],
                    help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, the "
                         "DGM authors') or pad (zero border, MeRGAN's)")
@@ -559,8 +560,9 @@ def new_results():
 
 
 def validation_checks(iters, epochs, every):
-    """The authors' model-selection schedule: after every `every`-th epoch (epochs 0, 2,
-    4, ... counted from 0) and after the last iteration. Returns {iterations done: epoch}."""
+    """The authors' model-selection schedule: after every `every`-th epoch (every 2: epochs
+    0, 2, 4, ... counted from 0) and after the last iteration. Returns {iterations done:
+    epoch}."""
     per = iters / epochs
     checks = {min(iters, round((e + 1) * per)): e for e in range(0, epochs, every)}
     checks.setdefault(iters, epochs - 1)
