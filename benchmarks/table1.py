@@ -2,8 +2,9 @@
 
 Runs every column of MeRGAN's Table 1 -- JT, SFT, EWC, DGR, MeRGAN-JTR, MeRGAN-RA -- and
 DGM-w / DGM-a (DGM's Table) as separate runs of this repository's scripts, on the same dataset, task
-order, seed, evaluator and number of generated samples; then writes one Markdown table with
-our numbers beside the papers' and a picture of each run's accuracy matrix. JT is the
+order, seeds, evaluator and number of generated samples; then writes one Markdown table with
+our numbers (mean ± sd over the seeds) beside the papers' and a picture of each run's accuracy
+matrix. `--check` compares the finished table with the paper's Table 1 cell by cell. JT is the
 paper's: one run on every class at once for each reported task count (after 5 tasks:
 classes 0-4 at once; after 10: 0-9), so the JT column is two runs (`jt5`, `jt10`).
 
@@ -13,13 +14,15 @@ On the CPU they run one after the other. Each run is an ordinary run folder unde
 calling the command again skips finished runs and resumes interrupted ones (`--resume`).
 
     python benchmarks/table1.py --dataset mnist                 # Table 1 + DGM, paper budgets
+    python benchmarks/table1.py --dataset mnist --seeds 0,1,2 --check   # ... against the paper
     python benchmarks/table1.py --dataset svhn --columns jtr,ra
     python benchmarks/table1.py --dataset synth --classes 0,1 --iters 3 --dgm-iters 3 \\
         --eval-samples 10 --mergan-args "--dim 8" --ewc-args "--fisher-samples 4"  # seconds
 
-Outputs in --out: one folder per run (the script's own run folder: metrics.json, samples,
-checkpoint; `jt5`, `jt10` for JT) and its log, `acc_matrix_<run>.png` (DGR and DGM also
-`solver_matrix_<run>.png`), `table1.md`, `table1.json`.
+Outputs in --out: seed<k>/ per seed, holding one folder per run (the script's own run folder:
+metrics.json, samples, checkpoint; `jt5`, `jt10` for JT) and its log; `acc_matrix_<run>.png`
+(DGR and DGM also `solver_matrix_<run>.png`: the mean over the seeds), `table1.md`,
+`table1.json`.
 """
 import argparse
 import fcntl
@@ -60,17 +63,18 @@ COLUMNS = {
 DEFAULT_COLUMNS = ["jt", "sft", "ewc", "dgr", "jtr", "ra", "dgmw", "dgma"]
 DGM = ("dgmw", "dgma")
 SOLVER = ("dgr", "dgmw", "dgma")  # columns with a solver classifier: A_t, DGM's metric
-# MeRGAN Table 1 (Wu et al. 2018): average accuracy (%) after 5 and 10 one-digit tasks.
-# DGM's paper reports A5/A10 on MNIST and SVHN too, but those values could not be checked
-# against the paper's text for this repository, so none are printed (docs/dgm.md).
-PAPER = {
-    "mnist": {"jt": {5: 97.66, 10: 96.92}, "sft": {5: 19.87, 10: 10.06},
-              "ewc": {5: 70.62, 10: 77.03}, "dgr": {5: 90.39, 10: 85.40},
-              "jtr": {5: 97.93, 10: 97.00}, "ra": {5: 98.19, 10: 97.01}},
-    "svhn": {"jt": {5: 85.30, 10: 84.82}, "sft": {5: 19.35, 10: 10.10},
-             "ewc": {5: 39.84, 10: 33.02}, "dgr": {5: 61.29, 10: 47.28},
-             "jtr": {5: 80.90, 10: 66.50}, "ra": {5: 76.05, 10: 66.78}},
-}
+# The papers' values (benchmarks/paper_values.json): MeRGAN's Table 1 -- Acc after 5 and 10
+# one-digit tasks -- as {dataset: {column: {tasks: Acc}}}, and its Table 2 (LSUN). DGM's
+# MNIST/SVHN A5/A10 could not be checked against the paper's text for this repository, so
+# none are printed (docs/dgm.md).
+with open(os.path.join(ROOT, "benchmarks", "paper_values.json")) as _f:
+    PAPER_FILE = json.load(_f)
+PAPER = {ds: {c: {int(t): v for t, v in cells.items()} for c, cells in cols.items()}
+         for ds, cols in PAPER_FILE["mergan_table1"].items() if ds != "source"}
+TABLE2 = PAPER_FILE["mergan_table2"]["lsun"]  # after task 4: acc, rev_acc, fid
+# The sizes of the paper's training sets: --check refuses a subset (MNIST: torchvision's 60,000;
+# the authors' TF loader held 5,000 of them out, --mnist-train 55k, docs/mergan.md).
+FULL_TRAIN = {"mnist": (60000, 55000), "svhn": (73257,)}
 
 
 def parse_args(argv=None):
@@ -81,8 +85,13 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default="./data", help="where the dataset is read from")
     p.add_argument("--no-download", action="store_true", help="never try the network")
     p.add_argument("--out", default=None, help="folder of the whole table (default "
-                   "runs/table1-<dataset>-s<seed>); an existing one is resumed")
-    p.add_argument("--seed", type=C.seed, default=0, help="seed of every run")
+                   "runs/table1-<dataset>); an existing one is resumed, and may gain seeds")
+    p.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds, e.g. "
+                   "0,1,2: every column runs once per seed (in <out>/seed<k>/) and the table "
+                   "prints mean ± sd over the seeds (default: 0, one seed for a quick look)")
+    p.add_argument("--check", action="store_true", help="compare the finished table with the "
+                   "paper's Table 1 (benchmarks/paper_values.json) cell by cell; refused "
+                   "before any run where the protocol is not the paper's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                    help=f"comma-separated columns to run, of {', '.join(COLUMNS)} (default: "
@@ -134,16 +143,24 @@ def parse_args(argv=None):
                               "the first k classes at once, so it needs the class list)")
         args.class_list = list(range(n or 0))
     if args.out is None:
-        args.out = os.path.join("runs", f"table1-{args.dataset}-s{args.seed}")
+        args.out = os.path.join("runs", f"table1-{args.dataset}")
     # absolute, so that the runs (started from any folder) and this process agree
     args.out, args.data_root = os.path.abspath(args.out), os.path.abspath(args.data_root)
     return args
 
 
+def seed_list(text):
+    """argparse type of --seeds: "0,1,2" -> [0, 1, 2] (distinct, each a valid seed)."""
+    seeds = [C.seed(t.strip()) for t in text.split(",") if t.strip()]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds such as 0,1,2, got {text!r}")
+    return seeds
+
+
 PASS_THROUGH = ("--mergan-args", "--ewc-args", "--dgm-args")
 # Flags the table gives every run itself: given again in a pass-through they would win
 # (argparse keeps the last) while the table reports its own value.
-TABLE_SETS = {"--seed": "the table's --seed", "--out": "each run's folder is <--out>/<run>",
+TABLE_SETS = {"--seed": "the table's --seeds", "--out": "each run's folder is <--out>/<run>",
               "--dataset": "the table's --dataset", "--data-root": "the table's --data-root",
               "--device": "the table's --device", "--eval-samples": "the table's "
               "--eval-samples", "--classes": "the table's --classes", "--iters": "the "
@@ -174,8 +191,8 @@ def marks(n_tasks):
 
 
 def runs_of(args):
-    """[(run name = its folder under --out, column)]: one run per column, except JT: one
-    run per reported task count k (jt<k>, classes of the first k tasks at once)."""
+    """[(run name, column)] of one seed: one run per column, except JT: one run per reported
+    task count k (jt<k>, classes of the first k tasks at once)."""
     out = []
     for col in args.columns:
         if col == "jt":
@@ -185,16 +202,24 @@ def runs_of(args):
     return out
 
 
+def all_runs(args):
+    """[(run id, seed, name, column)] of every seed; the run id is its folder under --out,
+    seed<k>/<name>, and <out>/<id>.log its log."""
+    return [(f"seed{seed}/{name}", seed, name, col) for seed in args.seeds
+            for name, col in runs_of(args)]
+
+
 def run_label(name, col):
     return f"JT, {name[2:]} classes at once" if col == "jt" else COLUMNS[col][0]
 
 
-def run_command(args, name, col, resume):
-    """The command line of one run (its run folder is <out>/<name>)."""
+def run_command(args, seed, name, col, resume):
+    """The command line of one run (its run folder is <out>/seed<seed>/<name>)."""
     _, script, own = COLUMNS[col]
     cmd = [sys.executable, os.path.join(ROOT, script), *own, "--dataset", args.dataset,
-           "--data-root", args.data_root, "--seed", str(args.seed), "--device", args.device,
-           "--eval-samples", str(args.eval_samples), "--out", os.path.join(args.out, name)]
+           "--data-root", args.data_root, "--seed", str(seed), "--device", args.device,
+           "--eval-samples", str(args.eval_samples),
+           "--out", os.path.join(args.out, f"seed{seed}", name)]
     if args.no_download:
         cmd.append("--no-download")
     if col == "jt":  # the paper's JT of k tasks: classes of the first k tasks at once
@@ -232,8 +257,9 @@ def state(folder):
 
 
 # The settings that define the experiment: a table folder is only ever continued with these
-# unchanged (--columns, --jobs, --device and --status-every may change between calls).
-EXPERIMENT = ("dataset", "data_root", "seed", "classes", "iters", "jt_iters", "dgm_iters",
+# unchanged (--seeds, --columns, --jobs, --device, --check and --status-every may change
+# between calls: each seed's runs have their own folder, seed<k>/).
+EXPERIMENT = ("dataset", "data_root", "classes", "iters", "jt_iters", "dgm_iters",
               "eval_samples", "mergan_args", "ewc_args", "dgm_args")
 
 
@@ -245,6 +271,11 @@ def check_settings(args):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        if "seed" in old:  # a table of one seed whose runs are <out>/<name>, not seed<k>/
+            raise C.UserError(f"{args.out} holds a table of an earlier table1.py (runs "
+                              f"directly in it); move them to {args.out}/seed{old['seed']}/ "
+                              "and remove 'seed' from table1-args.json, or choose another "
+                              "--out")
         changed = [f"{k} {old.get(k)!r} -> {mine[k]!r}" for k in EXPERIMENT
                    if old.get(k) != mine[k]]
         if changed:
@@ -260,6 +291,8 @@ def prepare_evaluator(args):
     device = C.pick_device(args.device)
     data = [C.load_dataset(args.dataset, args.data_root, train, download=not args.no_download)
             for train in (True, False)]
+    args.n_train = len(data[0][1])
+    refuse_check(args)  # a subset is known only now
     with open(os.path.join(args.out, "evaluator.log"), "w") as f:
         _, acc = C.get_evaluator(args, C.TaskData(*data[0][:2], device),
                                  C.TaskData(*data[1][:2], device), len(data[0][2]), device,
@@ -268,7 +301,8 @@ def prepare_evaluator(args):
 
 
 def progress_of(args, name):
-    """'run k/T tasks, it i/n' from the run's metrics.json and its last progress line."""
+    """'run k/T tasks, it i/n' from the run's metrics.json and its last progress line (name:
+    the run id, seed<k>/<name>)."""
     m = read_metrics(os.path.join(args.out, name))
     text = ""
     try:
@@ -317,11 +351,11 @@ def lock(out):
 def run_all(args, jobs):
     """Run the columns' scripts, at most `jobs` at a time. Returns {run name: exit status}."""
     todo = []
-    for name, col in runs_of(args):
-        st = state(os.path.join(args.out, name))
-        print(f"{name:5s} {run_label(name, col):22s} {st}", flush=True)
+    for rid, seed, name, col in all_runs(args):
+        st = state(os.path.join(args.out, rid))
+        print(f"{rid:11s} {run_label(name, col):22s} {st}", flush=True)
         if st != "done":
-            todo.append((name, col, st == "resume"))
+            todo.append((rid, seed, name, col, st == "resume"))
     running, status, t_print = {}, {}, time.time()
     try:
         loop(args, jobs, todo, running, status, t_print)
@@ -342,8 +376,9 @@ def loop(args, jobs, todo, running, status, t_print):
     """Start runs while fewer than `jobs` go, collect the finished ones, print status."""
     while todo or running:
         while todo and len(running) < jobs:
-            name, col, resume = todo.pop(0)
-            cmd = run_command(args, name, col, resume)
+            name, seed, short, col, resume = todo.pop(0)
+            cmd = run_command(args, seed, short, col, resume)
+            os.makedirs(os.path.join(args.out, f"seed{seed}"), exist_ok=True)
             log = open(os.path.join(args.out, f"{name}.log"), "a")
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
@@ -416,35 +451,85 @@ def fmt(v):
     return "—" if v is None else f"{v:.2f}"
 
 
+def spread(values):
+    """{"mean", "sd", "n", "seeds"} of {seed: value}; sd is the sample standard deviation
+    (n - 1 in the denominator), None for one seed. None when no seed has a value."""
+    v = [x for x in values.values() if x is not None]
+    if not v:
+        return None
+    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v), "seeds": {str(s): x for s, x in values.items() if x is not None}}
+
+
+def fmt_spread(cell, several):
+    """'97.12' for one seed of a one-seed table; else 'mean ± sd (n=k)'."""
+    if cell is None:
+        return "—"
+    if not several:
+        return f"{cell['mean']:.2f}"
+    sd = "—" if cell["sd"] is None else f"{cell['sd']:.2f}"
+    return f"{cell['mean']:.2f} ± {sd} (n={cell['n']})"
+
+
+def mean_matrix(mats):
+    """Element-wise mean of accuracy matrices (None, a class not yet seen, stays None)."""
+    return [[None if row[0][j] is None else float(np.mean([r[j] for r in row]))
+             for j in range(len(row[0]))] for row in zip(*mats)]
+
+
+def cells_of(args, results, cols, seeds):
+    """{column: {"acc_after"/"A_after": {t: spread}, "forgetting": spread}} over the seeds:
+    Acc after t tasks (JT: its run on the first t classes at once), the solver's A_t,
+    the average forgetting; each a spread over the seeds whose run finished."""
+    T = len(args.class_list)
+
+    def metric(col, seed, key, t=None):
+        name = f"jt{t}" if col == "jt" and key == "avg_acc" else col
+        m = results.get(f"seed{seed}/{name}")
+        if m is None:
+            return None
+        if col == "jt" and key == "avg_acc":
+            return m["avg_acc"][-1]
+        return m[key] if t is None else m[key][t - 1]
+
+    out = {}
+    for c in cols:
+        out[c] = {"acc_after": {t: spread({s: metric(c, s, "avg_acc", t) for s in seeds})
+                                for t in marks(T)}}
+        if c in SOLVER:
+            out[c]["A_after"] = {t: spread({s: metric(c, s, "A", t) for s in seeds})
+                                 for t in marks(T)}
+        if c != "jt":
+            out[c]["forgetting"] = spread({s: metric(c, s, "avg_forgetting") for s in seeds})
+    return out
+
+
 def report(args, results, device_name):
-    """table1.md / table1.json from the finished runs' metrics.json (results: {run name:
-    metrics}); returns the Markdown."""
-    runs = [(name, col) for name, col in runs_of(args) if name in results]
-    cols = [c for c in args.columns if any(col == c for _, col in runs)]
-    seq = [name for name, col in runs if col != "jt"]
+    """table1.md / table1.json from the finished runs' metrics.json (results: {run id:
+    metrics}), each cell the mean ± sd over the seeds; returns the Markdown."""
+    runs = [r for r in all_runs(args) if r[0] in results]
+    cols = [c for c in args.columns if any(col == c for *_, col in runs)]
+    seeds = [s for s in args.seeds if any(seed == s for _, seed, _, _ in runs)]
+    several = len(args.seeds) > 1
+    seq = [rid for rid, _, _, col in runs if col != "jt"]
     ref_m = results[seq[0]] if seq else None
     T = len(args.class_list)
     paper = PAPER.get(args.dataset, {})
     default_protocol = args.classes is None and (ref_m is None or all(
         len(t) == 1 for t in ref_m["tasks"]))
-    any_m = next(iter(results.values()))
-
-    def acc(col, t):  # Acc after t tasks; JT: its run on the first t classes at once
-        if col == "jt":
-            m = results.get(f"jt{t}")
-            return m["avg_acc"][-1] if m else None
-        return results[col]["avg_acc"][t - 1] if col in results else None
-
-    jt_runs = [name for name, col in runs if col == "jt"]
+    any_m = results[runs[0][0]]
+    cells = cells_of(args, results, cols, seeds)
+    jt_names = [name for name, col in runs_of(args) if col == "jt"]
     lines = [f"## Table 1 on `{args.dataset}`: classes {args.class_list}, one per task, "
-             f"seed {args.seed}",
+             + (f"seeds {', '.join(map(str, seeds))}: mean ± sample sd over the seeds "
+                "(n = the seeds whose run finished)" if several else f"seed {seeds[0]}"),
              "",
              f"Device: {device_name}. Acc = MeRGAN's metric: the evaluator classifier "
              f"(real test accuracy {any_m['evaluator_test_acc']:.2f}%) labels "
              f"{any_m['args']['eval_samples']} generated images of every class seen; the "
              "mean of the per-task accuracies. "
              + ("JT is the paper's: after t tasks = one run on the first t classes at once ("
-                + ", ".join(f"`{n}`" for n in jt_runs) + "). " if jt_runs else "")
+                + ", ".join(f"`{n}`" for n in jt_names) + "). " if jt_names else "")
              + "DGR's Acc: its solver names the class of each unconditional image "
              "(docs/dgr.md). A_t = DGM's metric: the accuracy of the solver (DGM: the "
              "discriminator's classifier head) on the real test images of the classes seen "
@@ -457,33 +542,38 @@ def report(args, results, device_name):
              "| | " + " | ".join(COLUMNS[c][0] for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for t in marks(T):
-        lines.append(f"| Acc after {t} tasks, ours | "
-                     + " | ".join(fmt(acc(c, t)) for c in cols) + " |")
+        lines.append(f"| Acc after {t} tasks, ours | " + " | ".join(
+            fmt_spread(cells[c]["acc_after"][t], several) for c in cols) + " |")
         if default_protocol and t in (5, 10) and paper:
             # the paper's JT beside our JT only: never beside the cumulative run
             lines.append(f"| Acc after {t} tasks, paper | "
                          + " | ".join(fmt(paper[c].get(t)) if c in paper else ""
                                       for c in cols) + " |")
+        if args.dataset == "lsun" and default_protocol and t == 4:
+            lines.append("| Acc after 4 tasks, paper's Table 2 (a 10-way evaluator) | "
+                         + " | ".join(fmt(TABLE2["acc"].get(c)) for c in cols) + " |")
     if any(c in SOLVER for c in cols):
         for t in marks(T):
-            lines.append(f"| A_{t} (solver on real test data), ours | "
-                         + " | ".join(fmt(results[c]["A"][t - 1]) if c in SOLVER else ""
-                                      for c in cols) + " |")
-    lines.append("| forgetting (avg, points) | "
-                 + " | ".join("— (one task)" if c == "jt" else
-                              fmt(results[c]["avg_forgetting"]) for c in cols) + " |")
+            lines.append(f"| A_{t} (solver on real test data), ours | " + " | ".join(
+                fmt_spread(cells[c]["A_after"][t], several) if c in SOLVER else ""
+                for c in cols) + " |")
+    lines.append("| forgetting (avg, points) | " + " | ".join(
+        "— (one task)" if c == "jt" else fmt_spread(cells[c]["forgetting"], several)
+        for c in cols) + " |")
+    first = f"seed{seeds[0]}/"
 
     def iters(c):
         if c == "jt":
-            return " / ".join(f"{results[n]['args']['iters']} ({n[2:]} classes)"
-                              for n in jt_runs)
-        a = results[c]["args"]
+            return " / ".join(f"{results[first + n]['args']['iters']} ({n[2:]} classes)"
+                              for n in jt_names if first + n in results)
+        a = results[first + c]["args"] if first + c in results else next(
+            results[rid]["args"] for rid, _, _, col in runs if col == c)
         return str(a.get("iters") or f"{a.get('epochs')} epochs")
     lines.append("| iterations per task (JT: of its one task) | "
                  + " | ".join(iters(c) for c in cols) + " |")
-    lines.append("| training + evaluation time (s) | "
-                 + " | ".join(f"{sum(results[n]['seconds'] for n, col in runs if col == c):.0f}"
-                              for c in cols) + " |")
+    lines.append("| training + evaluation time (s" + (", all seeds" if several else "")
+                 + ") | " + " | ".join(f"{sum(results[rid]['seconds'] for rid, *_, col in runs if col == c):.0f}"
+                                       for c in cols) + " |")
     ref = [c for c in cols if c in PAPER["mnist"]]
     if ref:  # the papers' numbers, always, for reference (inline above only when comparable)
         lines += ["", "For reference, MeRGAN's Table 1 (10 one-digit tasks, the full datasets, "
@@ -496,53 +586,171 @@ def report(args, results, device_name):
                              + " | ".join(fmt(PAPER[ds][c][t]) for c in ref) + " |")
     notes = ["DGM's paper values for MNIST/SVHN are not printed: they could not be "
              "checked against the paper's text here."]
+    if args.dataset == "lsun":
+        notes.append(LSUN_NOTE)
     if "cumulative" in cols:
         notes.append("The cumulative column trains task by task on the real data of every "
                      "class seen so far; it is not the paper's JT (one run on all classes at "
                      "once), so no paper value stands beside it.")
-    notes.append("Accuracy matrices: " + ", ".join(f"`acc_matrix_{n}.png`" for n, _ in runs)
-                 + ".")
+    notes.append("Accuracy matrices" + (" (the mean over the seeds)" if several else "")
+                 + ": " + ", ".join(f"`acc_matrix_{n}.png`" for n, _ in runs_of(args)
+                                    if any(r[2] == n for r in runs)) + ".")
     md = "\n".join(lines + ["", " ".join(notes)]) + "\n"
+    if args.check:
+        md += "\n" + "\n".join(check_lines(args, cells)) + "\n"
+
     def write_md(tmp):
         with open(tmp, "w") as f:
             f.write(md)
     C.atomic_write(os.path.join(args.out, "table1.md"), write_md)
     C.save_json(os.path.join(args.out, "table1.json"), {
-        "dataset": args.dataset, "seed": args.seed, "device": device_name,
+        "dataset": args.dataset, "seeds": seeds, "device": device_name,
         "classes": args.class_list, "evaluator_test_acc": any_m["evaluator_test_acc"],
-        "columns": {c: {"label": COLUMNS[c][0],
-                        "acc_after": {str(t): acc(c, t) for t in marks(T)},
-                        "paper": ({t: paper[c].get(t) for t in marks(T) if t in paper[c]}
-                                  if default_protocol and c in paper else None)}
-                    for c in cols},
-        "runs": {n: {"column": col, "tasks": results[n]["tasks"],
-                     "avg_acc": results[n]["avg_acc"], "acc_matrix": results[n]["acc_matrix"],
-                     "A": results[n].get("A"), "seconds": results[n]["seconds"]}
-                 for n, col in runs}})
-    for n, col in runs:
-        m = results[n]
-        if col == "jt":  # one task: its per-class accuracies
-            classes = m["tasks"][0]
-            draw_matrix([[m["class_acc"][str(c)][0] for c in classes]], ["joint"],
-                        [str(c) for c in classes], f"{run_label(n, col)}: Acc (%) of "
-                        f"generated images, {args.dataset}",
-                        os.path.join(args.out, f"acc_matrix_{n}.png"))
-            continue
-        names = [",".join(map(str, task)) for task in m["tasks"]]
-        rows = [f"after {t + 1}" for t in range(len(m["tasks"]))]
-        draw_matrix(m["acc_matrix"], rows, names, f"{COLUMNS[col][0]}: Acc (%) of generated "
-                    f"images, {args.dataset}", os.path.join(args.out, f"acc_matrix_{n}.png"))
-        if col in SOLVER:
-            draw_matrix(m["solver_acc_matrix"], rows, names, f"{COLUMNS[col][0]}: solver "
-                        f"accuracy (%) on real test data", os.path.join(
-                            args.out, f"solver_matrix_{n}.png"))
+        "n_train": getattr(args, "n_train", None),
+        "columns": {c: {"label": COLUMNS[c][0], **{
+            k: ({str(t): v for t, v in cell.items()} if k != "forgetting" else cell)
+            for k, cell in cells[c].items()},
+            "paper": ({t: paper[c].get(t) for t in marks(T) if t in paper[c]}
+                      if default_protocol and c in paper else None)} for c in cols},
+        "runs": {rid: {"column": col, "seed": seed, "tasks": results[rid]["tasks"],
+                       "avg_acc": results[rid]["avg_acc"],
+                       "acc_matrix": results[rid]["acc_matrix"], "A": results[rid].get("A"),
+                       "seconds": results[rid]["seconds"]}
+                 for rid, seed, name, col in runs}})
+    draw_matrices(args, results, runs, several)
     return md
+
+
+def draw_matrices(args, results, runs, several):
+    """acc_matrix_<run>.png (and solver_matrix_<run>.png) of each run name: the mean of its
+    seeds' matrices."""
+    for name, col in runs_of(args):
+        ms = [results[rid] for rid, _, n, _ in runs if n == name]
+        if not ms:
+            continue
+        of = f", mean of {len(ms)} seeds" if several else ""
+        if col == "jt":  # one task: its per-class accuracies
+            classes = ms[0]["tasks"][0]
+            draw_matrix(mean_matrix([[[m["class_acc"][str(c)][0] for c in classes]]
+                                     for m in ms]), ["joint"], [str(c) for c in classes],
+                        f"{run_label(name, col)}: Acc (%) of generated images, "
+                        f"{args.dataset}{of}", os.path.join(args.out, f"acc_matrix_{name}.png"))
+            continue
+        names = [",".join(map(str, task)) for task in ms[0]["tasks"]]
+        rows = [f"after {t + 1}" for t in range(len(ms[0]["tasks"]))]
+        draw_matrix(mean_matrix([m["acc_matrix"] for m in ms]), rows, names,
+                    f"{COLUMNS[col][0]}: Acc (%) of generated images, {args.dataset}{of}",
+                    os.path.join(args.out, f"acc_matrix_{name}.png"))
+        if col in SOLVER:
+            draw_matrix(mean_matrix([m["solver_acc_matrix"] for m in ms]), rows, names,
+                        f"{COLUMNS[col][0]}: solver accuracy (%) on real test data{of}",
+                        os.path.join(args.out, f"solver_matrix_{name}.png"))
+
+
+# ------------------------------------------------------------------------------------------
+# --check: the finished table against the paper's Table 1
+# ------------------------------------------------------------------------------------------
+LSUN_NOTE = ("LSUN: our evaluator classifies the 4 scenes of the tasks (chance 25%); the "
+             "paper's is a VGG over the ten LSUN categories (chance 10%), so confusions with "
+             "the other six scenes cannot happen here: JTR/RA Acc reads higher and SFT's floor "
+             "sits near 25% instead of 10%. The Table 2 row is for orientation, not a "
+             "comparison (docs/mergan.md, \"LSUN\", says how to score with ten categories).")
+CHECKED = ("jt", "sft", "ewc", "dgr", "jtr", "ra")  # the columns with a paper value
+
+
+def protocol_problems(args, n_train):
+    """Why the table is not the paper's Table 1 protocol ([] when it is): dataset, tasks,
+    budgets, generated samples, training set, flags passed to the runs."""
+    if args.dataset == "lsun":
+        return ["lsun is the paper's Table 2, whose Acc is judged by a 10-way LSUN evaluator; "
+                "ours has the 4 scenes of the tasks (docs/mergan.md, \"LSUN\")"]
+    if args.dataset not in PAPER:
+        return [f"the paper has no table on {args.dataset} (Table 1: mnist, svhn)"]
+    why = []
+    if args.classes is not None and args.class_list != list(range(10)):
+        why.append(f"--classes {args.classes} (the paper: 0..9, one per task)")
+    budget = {"mnist": 4001, "svhn": 8001}[args.dataset]
+    if args.iters is not None and args.iters < budget:
+        why.append(f"--iters {args.iters} (the authors: {budget} per task)")
+    if args.jt_iters is not None and args.jt_iters < 10 * budget:
+        why.append(f"--jt-iters {args.jt_iters} (the authors: {10 * budget})")
+    if args.eval_samples != 6400:
+        why.append(f"--eval-samples {args.eval_samples} (the paper: 6400 per class)")
+    if n_train is not None and n_train not in FULL_TRAIN[args.dataset]:
+        why.append(f"{n_train} training images in --data-root (the full {args.dataset}: "
+                   f"{' or '.join(map(str, FULL_TRAIN[args.dataset]))})")
+    for flag in ("--mergan-args", "--ewc-args"):
+        changed = experiment_changes(args, flag)
+        if changed:
+            why.append(f"{flag} changes {', '.join(changed)}")
+    return why
+
+
+def experiment_changes(args, flag):
+    """The experiment settings a pass-through changes in the checked columns' scripts
+    (e.g. '--dim 32 -> 16'); flags of the run only (--log-every, --cuda-graphs) are not."""
+    tokens = shlex.split(getattr(args, flag[2:].replace("-", "_")))
+    if not tokens:
+        return []
+    import importlib
+    changed = set()
+    for col in (["ewc"] if flag == "--ewc-args" else CHECKED):
+        if col not in args.columns:
+            continue
+        _, script, own = COLUMNS[col]
+        mod = importlib.import_module(script[:-3])
+        base = [*own, "--dataset", args.dataset, "--out", "x"]
+        try:
+            a, b = vars(mod.parse_args(base)), vars(mod.parse_args(base + tokens))
+        except C.UserError:  # a flag this script does not take: the run itself says so
+            continue
+        skip = set(C.RUN_FLAGS) | set(C.PER_CALL) | {"cuda_graphs", "final_metrics",
+                                                      "inception_fid"}
+        changed |= {f"--{k.replace('_', '-')} {a[k]} -> {b[k]}" for k in a
+                    if k not in skip and a[k] != b.get(k)}
+    return sorted(changed)
+
+
+def check_lines(args, cells):
+    """The check, in Markdown: each column's Acc after 5 and 10 tasks against the paper's;
+    within the seeds' spread (|ours - paper| <= 2 sd) or how far off."""
+    paper = PAPER[args.dataset]
+    out = ["### Check against the paper (MeRGAN Table 1, benchmarks/paper_values.json)", "",
+           "| column | tasks | ours | paper | ours − paper | verdict |", "|---|---|---|---|---|---|"]
+    inside = total = 0
+    for c in [c for c in CHECKED if c in cells]:
+        for t in (5, 10):
+            cell = cells[c]["acc_after"].get(t)
+            if cell is None or t not in paper[c]:
+                continue
+            total += 1
+            d = cell["mean"] - paper[c][t]
+            if cell["sd"] is None:
+                verdict = "one seed, no spread: run --seeds 0,1,2 to tell this from noise"
+            elif abs(d) <= 2 * cell["sd"]:
+                verdict, inside = "within 2 sd of the seeds", inside + 1
+            else:
+                verdict = (f"off by {abs(d) / cell['sd']:.1f} sd" if cell["sd"] > 0 else
+                           "off (the seeds agree exactly)")
+            out.append(f"| {COLUMNS[c][0]} | {t} | {fmt_spread(cell, True)} | "
+                       f"{paper[c][t]:.2f} | {d:+.2f} | {verdict} |")
+    out += ["", f"{inside} of {total} cells within 2 sd of the paper's value."]
+    return out
+
+
+def refuse_check(args):
+    """--check on a protocol that is not the paper's: one line, saying why."""
+    why = protocol_problems(args, getattr(args, "n_train", None)) if args.check else []
+    if why:
+        raise C.UserError("--check: this table is not the paper's protocol, so it cannot be "
+                          "compared with it: " + "; ".join(why))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    refuse_check(args)
     device = C.pick_device(args.device)
-    jobs = args.jobs or (len(runs_of(args)) if device.type == "cuda" else 1)
+    jobs = args.jobs or (len(all_runs(args)) if device.type == "cuda" else 1)
     args.device = device.type
     device_name = (f"cuda ({__import__('torch').cuda.get_device_name(0)})"
                    if device.type == "cuda" else "cpu")
@@ -554,12 +762,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     check_settings(args)
     lock(args.out)
-    print(f"table1: {len(runs_of(args))} runs in {args.out}, {jobs} at a time on {device_name}",
-          flush=True)
+    print(f"table1: {len(all_runs(args))} runs in {args.out}, {jobs} at a time on "
+          f"{device_name}", flush=True)
     t0 = time.time()
     prepare_evaluator(args)
     status = run_all(args, jobs)
-    names = [name for name, _ in runs_of(args)]
+    names = [rid for rid, *_ in all_runs(args)]
     results = {n: read_metrics(os.path.join(args.out, n)) for n in names}
     results = {n: m for n, m in results.items()
                if m and state(os.path.join(args.out, n)) == "done"}

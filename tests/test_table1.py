@@ -40,19 +40,21 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
     assert "Cumulative" not in md  # not a default column
     assert md in res.stdout  # printed too
     summary = json.load(open(out / "table1.json"))
-    assert set(summary["runs"]) == {"jt2", "sft", "ewc", "dgr", "jtr", "ra", "dgmw", "dgma"}
-    for name, entry in summary["runs"].items():
-        m = json.load(open(out / name / "metrics.json"))
+    assert set(summary["runs"]) == {f"seed0/{n}" for n in ("jt2", "sft", "ewc", "dgr", "jtr",
+                                                            "ra", "dgmw", "dgma")}
+    for rid, entry in summary["runs"].items():
+        m = json.load(open(out / rid / "metrics.json"))
         assert entry["avg_acc"] == m["avg_acc"]  # the table reads the runs' own numbers
         assert f"{m['avg_acc'][-1]:.2f}" in md
-        img = imageio.imread(out / f"acc_matrix_{name}.png")
+        img = imageio.imread(out / f"acc_matrix_{rid.split('/')[1]}.png")
         assert img.ndim == 3 and img.shape[0] > 60
     # JT after 2 tasks is ONE run on classes 0 and 1 at once, with the sequential runs'
     # budget up to task 2 (2 tasks x 2 iterations)
-    jt = json.load(open(out / "jt2" / "metrics.json"))
+    jt = json.load(open(out / "seed0" / "jt2" / "metrics.json"))
     assert jt["tasks"] == [[0, 1]] and jt["args"]["iters"] == 4 and jt["method"] == "mergan-jt"
-    assert summary["columns"]["jt"]["acc_after"] == {"2": jt["avg_acc"][0]}
-    assert (out / "solver_matrix_dgr.png").exists() and summary["runs"]["dgr"]["A"]
+    assert summary["columns"]["jt"]["acc_after"] == {"2": {
+        "mean": jt["avg_acc"][0], "sd": None, "n": 1, "seeds": {"0": jt["avg_acc"][0]}}}
+    assert (out / "solver_matrix_dgr.png").exists() and summary["runs"]["seed0/dgr"]["A"]
     assert (out / "solver_matrix_dgmw.png").exists()
     assert (out / "solver_matrix_dgma.png").exists()
 
@@ -61,7 +63,7 @@ def test_table_runs_every_column_and_reports_beside_the_paper(data_root, tmp_pat
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count(" done\n") == 8
     for col in ("sft", "dgmw"):
-        assert open(out / f"{col}.log").read().count("$ ") == 1  # launched once only
+        assert open(out / "seed0" / f"{col}.log").read().count("$ ") == 1  # launched once
 
 
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
@@ -76,14 +78,15 @@ def test_table_resumes_an_interrupted_run(data_root, tmp_path):
     first = subprocess.run(
         [sys.executable, os.path.join(ROOT, "mergan_jtr.py"), "--mode", "sft", "--dataset",
          "synth", "--data-root", data_root, "--seed", "0", "--device", "cpu",
-         "--eval-samples", "10", "--out", str(out / "sft"), "--classes", "0,1", "--iters", "2",
+         "--eval-samples", "10", "--out", str(out / "seed0" / "sft"), "--classes", "0,1",
+         "--iters", "2",
          "--dim", "8", "--max-tasks", "1"], capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-2000:]
     res = table(data_root, out, "--columns", "sft")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "sft   SFT" in res.stdout and "resume" in res.stdout
-    assert "resuming after task 1/2" in (out / "sft.log").read_text()
-    assert json.load(open(out / "sft" / "metrics.json"))["tasks_done"] == 2
+    assert "seed0/sft   SFT" in res.stdout and "resume" in res.stdout
+    assert "resuming after task 1/2" in (out / "seed0" / "sft.log").read_text()
+    assert json.load(open(out / "seed0" / "sft" / "metrics.json"))["tasks_done"] == 2
     # the folder now holds a table of this budget: another budget is refused, in one line,
     # instead of reporting the finished 2-iteration runs as the new table
     other = table(data_root, out, "--columns", "sft", "--eval-samples", "20")
@@ -99,15 +102,17 @@ def test_jt_runs_one_per_reported_task_count():
     args = table1.parse_args(["--dataset", "mnist", "--out", "/nonexistent/t"])
     assert [r for r in table1.runs_of(args) if r[1] == "jt"] == [("jt5", "jt"), ("jt10", "jt")]
     assert "cumulative" not in args.columns
-    cmd = table1.run_command(args, "jt5", "jt", False)
+    cmd = table1.run_command(args, 0, "jt5", "jt", False)
     assert cmd[cmd.index("--classes") + 1] == "0,1,2,3,4" and "--iters" not in cmd  # 40001
     args = table1.parse_args(["--dataset", "mnist", "--iters", "200", "--classes",
                               "3,1,4,0,2,5", "--out", "/nonexistent/t"])
     assert [r[0] for r in table1.runs_of(args)][:2] == ["jt5", "jt6"]
-    cmd = table1.run_command(args, "jt5", "jt", False)
+    cmd = table1.run_command(args, 7, "jt5", "jt", False)
     assert cmd[cmd.index("--classes") + 1] == "3,1,4,0,2"
+    assert cmd[cmd.index("--seed") + 1] == "7" and cmd[cmd.index("--out") + 1].endswith(
+        os.path.join("t", "seed7", "jt5"))
     assert cmd[cmd.index("--iters") + 1] == "1000"  # 5 tasks x 200: the same budget
-    cmd = table1.run_command(args, "sft", "sft", False)
+    cmd = table1.run_command(args, 0, "sft", "sft", False)
     assert cmd[cmd.index("--classes") + 1] == "3,1,4,0,2,5" and "--mode" in cmd
 
 
@@ -218,3 +223,89 @@ def test_a_killed_table_command_takes_its_runs_with_it(data_root, tmp_path):
         for k in kids:
             if alive(k):
                 os.kill(k, signal.SIGKILL)
+
+
+@pytest.mark.slow  # the slow tier: two table calls, two runs
+def test_seeds_give_mean_and_sd_and_a_table_gains_seeds(data_root, tmp_path):
+    """--seeds runs each column once per seed (seed<k>/) and prints mean ± sample sd (n);
+    a one-seed table called again with more seeds keeps its finished run and adds the
+    others; the heatmap is drawn from the mean matrix."""
+    out = tmp_path / "t1"
+    one = table(data_root, out, "--columns", "sft", "--seeds", "3")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-2000:]
+    assert "seed 3" in (out / "table1.md").read_text()
+    res = table(data_root, out, "--columns", "sft", "--seeds", "3,4")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "seed3/sft   SFT                    done" in res.stdout
+    assert open(out / "seed3" / "sft.log").read().count("$ ") == 1  # not run again
+    m = [json.load(open(out / f"seed{s}" / "sft" / "metrics.json")) for s in (3, 4)]
+    assert [x["args"]["seed"] for x in m] == [3, 4]
+    accs = [x["avg_acc"][-1] for x in m]
+    mean, sd = sum(accs) / 2, abs(accs[0] - accs[1]) / 2 ** 0.5  # sample sd of two values
+    md = (out / "table1.md").read_text()
+    assert f"| Acc after 2 tasks, ours | {mean:.2f} ± {sd:.2f} (n=2) |" in md, md
+    assert "seeds 3, 4: mean ± sample sd" in md
+    cell = json.load(open(out / "table1.json"))["columns"]["sft"]["acc_after"]["2"]
+    assert cell["n"] == 2 and abs(cell["mean"] - mean) < 1e-9 and abs(cell["sd"] - sd) < 1e-9
+    assert cell["seeds"] == {"3": accs[0], "4": accs[1]}
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    assert table1.mean_matrix([x["acc_matrix"] for x in m])[1][0] == (
+        m[0]["acc_matrix"][1][0] + m[1]["acc_matrix"][1][0]) / 2
+    assert imageio.imread(out / "acc_matrix_sft.png").ndim == 3
+
+
+def mnist_args(*extra):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    return table1, table1.parse_args(["--dataset", "mnist", "--out", "/nonexistent/t",
+                                      "--check", *extra])
+
+
+def test_check_refuses_a_protocol_that_is_not_the_papers(tmp_path):
+    """--check names every way the table departs from Table 1's protocol -- tasks, budget,
+    generated samples, a training subset, flags that change the model -- and accepts the
+    paper's own (flags of the run only, such as --log-every, change nothing)."""
+    table1, args = mnist_args()
+    assert table1.protocol_problems(args, 60000) == []
+    assert table1.protocol_problems(args, 55000) == []  # the authors' TF split
+    table1, args = mnist_args("--iters", "8001", "--mergan-args", "--log-every 50")
+    assert table1.protocol_problems(args, 60000) == []  # issue #4's budget; a run flag
+    table1, args = mnist_args("--classes", "0,1,2,3,4", "--iters", "200", "--eval-samples",
+                              "320", "--mergan-args", "--dim 16 --lr 1e-3")
+    why = "; ".join(table1.protocol_problems(args, 5000))
+    for part in ("--classes 0,1,2,3,4", "--iters 200 (the authors: 4001 per task)",
+                 "--eval-samples 320", "5000 training images",
+                 "--mergan-args changes --dim 32 -> 16, --lr 0.0001 -> 0.001"):
+        assert part in why, why
+    # end to end: refused in one line before anything is written or run
+    out = tmp_path / "t"
+    for argv, match in ((["--dataset", "synth", "--classes", "0,1"], "no table on synth"),
+                        (["--dataset", "lsun", "--columns", "sft"], "10-way LSUN evaluator"),
+                        (["--dataset", "mnist", "--iters", "5"], "--iters 5")):
+        res = subprocess.run([sys.executable, TABLE, *argv, "--check", "--out", str(out)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "not the paper's protocol" in res.stderr and match in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def test_check_compares_each_cell_with_the_paper():
+    """Within the seeds' spread (|ours - paper| <= 2 sd), how far off, or one seed."""
+    table1, args = mnist_args("--columns", "sft,jtr,ra,dgmw")
+
+    def cell(mean, sd, n):
+        return {"mean": mean, "sd": sd, "n": n, "seeds": {}}
+    cells = {"jtr": {"acc_after": {5: cell(97.5, 0.3, 3), 10: cell(90.0, 1.0, 3)}},
+             "ra": {"acc_after": {5: cell(98.19, 0.0, 2), 10: cell(96.0, 0.0, 2)}},
+             "sft": {"acc_after": {5: cell(20.5, None, 1)}},
+             "dgmw": {"acc_after": {5: cell(90.0, 1.0, 3)}}}  # no paper value: not checked
+    text = "\n".join(table1.check_lines(args, cells))
+    assert ("| MeRGAN-JTR | 5 | 97.50 ± 0.30 (n=3) | 97.93 | -0.43 | within 2 sd of the "
+            "seeds |") in text  # 0.43 <= 0.6
+    assert "| MeRGAN-JTR | 10 | 90.00 ± 1.00 (n=3) | 97.00 | -7.00 | off by 7.0 sd |" in text
+    assert "| MeRGAN-RA | 5 | 98.19 ± 0.00 (n=2) | 98.19 | +0.00 | within 2 sd" in text
+    assert "| MeRGAN-RA | 10 | 96.00 ± 0.00 (n=2) | 97.01 | -1.01 | off (the seeds agree" in text
+    assert "| SFT | 5 | 20.50 ± — (n=1) | 19.87 | +0.63 | one seed, no spread" in text
+    assert "DGM" not in text
+    assert "2 of 5 cells within 2 sd of the paper's value." in text
