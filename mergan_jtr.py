@@ -207,27 +207,32 @@ def ewc_term(G, ewc_lambda, fisher, anchor):
     return (ewc_lambda / 2) * ewc_penalty(G, fisher, anchor)
 
 
-def fisher_information(G, D, classes, n, lambda_cls, batch=50):
+def fisher_information(G, D, classes, n, lambda_cls, batch=64):
     """Diagonal Fisher of G's parameters after a task: F_i = mean over n generated samples of
     (d log L(x_j) / d theta_i)^2, one backward pass PER SAMPLE (the square of a mean
     gradient would be a different, much smaller quantity). log L is our choice (docs): the
     negative of the generator's own per-sample loss, Eqs. (2)+(3), under the frozen critic
-    and classifier: D(G(z, c)) + lambda_cls * log C(c | G(z, c)), c uniform over `classes`."""
+    and classifier: D(G(z, c)) + lambda_cls * log C(c | G(z, c)). The n samples are split
+    evenly over `classes`, each class's drawn in single-class batches of up to `batch` (64,
+    the training batch), so that G's conditional BN normalises each class over a batch of
+    its own as in training and evaluation (a mixed batch of 50 over 10 classes would give
+    each class about 5 rows of statistics)."""
     params = dict(G.named_parameters())
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
-    dev, done = next(G.parameters()).device, 0
-    while done < n:
-        m = min(batch, n - done)
-        c = torch.as_tensor(classes, device=dev)[torch.randint(len(classes), (m,), device=dev)]
-        score, logits = D(G(torch.randn(m, G.nz, device=dev), c))
-        ll = score + lambda_cls * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
-        for j in range(m):                          # per-sample gradients, squared
-            grads = torch.autograd.grad(ll[j], list(params.values()), retain_graph=j < m - 1,
-                                        allow_unused=True)
-            for (k, _), g in zip(params.items(), grads):
-                if g is not None:
-                    fisher[k] += g.square()
-        done += m
+    dev, k = next(G.parameters()).device, len(classes)
+    for i, cls in enumerate(classes):
+        n_c = n // k + (i < n % k)                  # this class's share of the n samples
+        for start in range(0, n_c, batch):
+            m = min(batch, n_c - start)
+            c = torch.full((m,), cls, device=dev)
+            score, logits = D(G(torch.randn(m, G.nz, device=dev), c))
+            ll = score + lambda_cls * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+            for j in range(m):                      # per-sample gradients, squared
+                grads = torch.autograd.grad(ll[j], list(params.values()),
+                                            retain_graph=j < m - 1, allow_unused=True)
+                for (name, _), g in zip(params.items(), grads):
+                    if g is not None:
+                        fisher[name] += g.square()
     return {k: f / n for k, f in fisher.items()}
 
 

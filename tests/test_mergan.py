@@ -334,23 +334,32 @@ def test_ewc_penalty_of_the_sequential_baseline_carries_eq_9s_half(synth_eval, m
 def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
     """mergan_jtr's Fisher (per-sample squared gradients of D(G(z,c)) + log C(c|G(z,c)))
     equals ewc_fewshot.fisher_information (which has its own known-answer test) given the
-    same log-likelihood and the same random draws."""
+    same log-likelihood and the same random draws: n samples split evenly over the classes
+    (7 -> 4 of class 0, 3 of class 3), each class in single-class batches, as G is trained
+    and evaluated (its conditional BN normalises over the batch of one class)."""
     import ewc_fewshot
     torch.manual_seed(0)
     G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
-    classes = [0, 3]
+    batches = []
+    G.register_forward_hook(lambda mod, inp, out: batches.append(inp[1].tolist()))
 
-    def log_likelihood(G, m):
-        c = torch.as_tensor(classes)[torch.randint(len(classes), (m,))]
-        score, logits = D(G(torch.randn(m, G.nz), c))
-        return score + 0.5 * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+    def log_likelihood(cls):
+        def ll(G, m):
+            c = torch.full((m,), cls)
+            score, logits = D(G(torch.randn(m, G.nz), c))
+            return score + 0.5 * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+        return ll
     torch.manual_seed(1)
-    mine = mergan_jtr.fisher_information(G, D, classes, 6, 0.5, batch=4)
+    mine = mergan_jtr.fisher_information(G, D, [0, 3], 7, 0.5, batch=3)
+    assert batches == [[0, 0, 0], [0], [3, 3, 3]]  # one class per batch, at most `batch`
     torch.manual_seed(1)
-    ref = ewc_fewshot.fisher_information(G, log_likelihood, 6, batch=4)
-    for k in ref:
-        assert torch.allclose(mine[k], ref[k], rtol=1e-5, atol=1e-12), k
+    ref = [ewc_fewshot.fisher_information(G, log_likelihood(c), n_c, batch=3)
+           for c, n_c in ((0, 4), (3, 3))]
+    for k in ref[0]:
+        want = (4 * ref[0][k] + 3 * ref[1][k]) / 7
+        assert torch.allclose(mine[k], want, rtol=1e-5, atol=1e-12), k
     assert float(mine["fc.weight"].sum()) > 0
+    assert mergan_jtr.fisher_information.__defaults__ == (64,)  # the training batch
 
 
 @pytest.mark.parametrize("script", ["jtr", "ra"])
