@@ -188,6 +188,9 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
                    help="never try the network; fail with a clear message if data is missing")
     g.add_argument("--image-size", type=at_least(4), default=None,
                    help="side of the square images (default: 32; folder and lsun: 64)")
+    g.add_argument("--mnist-train", type=int, choices=(60000, 55000), default=60000,
+                   help="MNIST training images: 60000 (torchvision's) or 55000 (the MeRGAN "
+                        "authors' TF loader, which holds the first 5,000 out for validation)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<script>-<dataset>"
                    "-s<seed>-<time>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -263,10 +266,12 @@ def to_float(x):
 
 
 def load_dataset(name, root="./data", train=True, image_size=None, download=True,
-                 digits="pad"):
+                 digits="pad", mnist_train=60000):
     """(images uint8 N x C x S x S, labels int64 N, class names), on the CPU, read by
     torchvision (never downloaded again). 28x28 digits become 32x32 by `digits`: "pad" (a
-    zero border, the MeRGAN authors') or "resize" (bilinear, the DGM authors')."""
+    zero border, the MeRGAN authors') or "resize" (bilinear, the DGM authors').
+    mnist_train=55000: MNIST's training set as TF's input_data serves it to the MeRGAN
+    authors (images 5,000..59,999; the first 5,000 are its validation set)."""
     _, _, subdir, expected = dataset_info(name)
     if root and os.path.isfile(root):
         raise UserError(f"--data-root {root} is a file; {name} needs a folder ("
@@ -317,6 +322,11 @@ def load_dataset(name, root="./data", train=True, image_size=None, download=True
         raise UserError(f"dataset {name!r} in {where}: {len(x)} images but {len(y)} labels "
                         "in the " + ("training" if train else "test") + " files; they may be "
                         "truncated or from different downloads")
+    if name == "mnist" and train and mnist_train == 55000:
+        if len(x) != 60000:
+            raise UserError(f"--mnist-train 55000 is TF's split of MNIST's 60,000 training "
+                            f"images; {where} holds {len(x)}")
+        x, y = x[5000:], y[5000:]
     names = list(getattr(ds, "classes", [])) or [str(c) for c in range(10)]
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(names):
         raise UserError(f"dataset {name!r} in {where}: labels {int(y.min())}..{int(y.max())} in "
@@ -979,7 +989,10 @@ def setup(args, script, digits="pad"):
                                  if device.type == "cuda" else ""), flush=True)
     seed_everything(args.seed)
     size, download = args.image_size, not args.no_download
-    x, y, names = load_dataset(args.dataset, args.data_root, True, size, download, digits)
+    if args.mnist_train != 60000 and args.dataset != "mnist":
+        raise UserError(f"--mnist-train is read with --dataset mnist only, not {args.dataset}")
+    x, y, names = load_dataset(args.dataset, args.data_root, True, size, download, digits,
+                               args.mnist_train)
     tx, ty, _ = load_dataset(args.dataset, args.data_root, False, size, download, digits)
     if len(names) < 2:  # an evaluator of one class would score 100% whatever G draws
         raise UserError(f"{args.dataset} in {args.data_root}: {len(names)} class found; the "

@@ -73,7 +73,7 @@ PAPER = {ds: {c: {int(t): v for t, v in cells.items()} for c, cells in cols.item
          for ds, cols in PAPER_FILE["mergan_table1"].items() if ds != "source"}
 TABLE2 = PAPER_FILE["mergan_table2"]["lsun"]  # after task 4: acc, rev_acc, fid
 # The sizes of the paper's training sets: --check refuses a subset (MNIST: torchvision's 60,000;
-# the authors' TF loader held 5,000 of them out, --mnist-train 55k, docs/mergan.md).
+# the authors' TF loader held 5,000 of them out, --mnist-train 55000, docs/mergan.md).
 FULL_TRAIN = {"mnist": (60000, 55000), "svhn": (73257,)}
 
 
@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    "or svhn)")
     p.add_argument("--data-root", default="./data", help="where the dataset is read from")
     p.add_argument("--no-download", action="store_true", help="never try the network")
+    p.add_argument("--mnist-train", type=int, choices=(60000, 55000), default=60000,
+                   help="MNIST training images of every run: 60000 (torchvision's) or 55000 "
+                        "(the MeRGAN authors' TF split)")
     p.add_argument("--out", default=None, help="folder of the whole table (default "
                    "runs/table1-<dataset>); an existing one is resumed, and may gain seeds")
     p.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds, e.g. "
@@ -130,6 +133,8 @@ def parse_args(argv=None):
     if unknown or not args.columns:
         raise C.UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'}; "
                           f"choose from {', '.join(COLUMNS)}")
+    if args.mnist_train != 60000 and args.dataset != "mnist":
+        raise C.UserError(f"--mnist-train is read with --dataset mnist only, not {args.dataset}")
     if args.dataset == "lsun" and "dgr" in args.columns:
         raise C.UserError("--columns dgr on lsun: MeRGAN's Table 2 leaves DGR out (its "
                           "generation is not conditioned on the category); pass --columns "
@@ -165,7 +170,7 @@ TABLE_SETS = {"--seed": "the table's --seeds", "--out": "each run's folder is <-
               "--device": "the table's --device", "--eval-samples": "the table's "
               "--eval-samples", "--classes": "the table's --classes", "--iters": "the "
               "table's --iters, --jt-iters, --dgm-iters", "--no-download": "the table's "
-              "--no-download", "--resume": "the table resumes its unfinished runs itself"}
+              "--no-download", "--mnist-train": "the table's --mnist-train", "--resume": "the table resumes its unfinished runs itself"}
 
 
 def check_pass_through(flag, value):
@@ -222,6 +227,8 @@ def run_command(args, seed, name, col, resume):
            "--out", os.path.join(args.out, f"seed{seed}", name)]
     if args.no_download:
         cmd.append("--no-download")
+    if args.mnist_train != 60000:
+        cmd += ["--mnist-train", str(args.mnist_train)]
     if col == "jt":  # the paper's JT of k tasks: classes of the first k tasks at once
         k = int(name[2:])
         cmd += ["--classes", ",".join(map(str, args.class_list[:k]))]
@@ -259,7 +266,7 @@ def state(folder):
 # The settings that define the experiment: a table folder is only ever continued with these
 # unchanged (--seeds, --columns, --jobs, --device, --check and --status-every may change
 # between calls: each seed's runs have their own folder, seed<k>/).
-EXPERIMENT = ("dataset", "data_root", "classes", "iters", "jt_iters", "dgm_iters",
+EXPERIMENT = ("dataset", "data_root", "mnist_train", "classes", "iters", "jt_iters", "dgm_iters",
               "eval_samples", "mergan_args", "ewc_args", "dgm_args")
 
 
@@ -289,8 +296,8 @@ def prepare_evaluator(args):
     """Train (or load) the dataset's evaluator once, before the runs start, so that parallel
     runs all load the same cached model instead of training it side by side."""
     device = C.pick_device(args.device)
-    data = [C.load_dataset(args.dataset, args.data_root, train, download=not args.no_download)
-            for train in (True, False)]
+    data = [C.load_dataset(args.dataset, args.data_root, train, download=not args.no_download,
+                           mnist_train=args.mnist_train) for train in (True, False)]
     args.n_train = len(data[0][1])
     refuse_check(args)  # a subset is known only now
     with open(os.path.join(args.out, "evaluator.log"), "w") as f:

@@ -890,6 +890,28 @@ def test_digits_are_padded_or_resized_to_32_px(tmp_path):
     assert np.abs(res[0, 0].numpy() - f).max() <= 0.5 + 1e-4
 
 
+def test_mnist_train_55000_is_tfs_split(tmp_path):
+    """--mnist-train 55000: the MeRGAN authors' training set, TF input_data's 55,000 (it
+    keeps the first 5,000 training images as its validation set); the test set is
+    unchanged. Refused on a subset (MNIST-5k would be left empty) and off MNIST."""
+    write_fake_mnist(tmp_path / "full", n=60000)
+    full, y, _ = C.load_dataset("mnist", str(tmp_path / "full"), True, download=False)
+    tf, ty, _ = C.load_dataset("mnist", str(tmp_path / "full"), True, download=False,
+                               mnist_train=55000)
+    assert len(tf) == 55000 and torch.equal(tf, full[5000:]) and torch.equal(ty, y[5000:])
+    test = C.load_dataset("mnist", str(tmp_path / "full"), False, download=False,
+                          mnist_train=55000)[0]
+    assert len(test) == 60000  # write_fake_mnist's test split: untouched
+    write_fake_mnist(tmp_path / "sub", n=20)
+    with pytest.raises(C.UserError, match="60,000 training images; .* holds 20"):
+        C.load_dataset("mnist", str(tmp_path / "sub"), True, download=False, mnist_train=55000)
+    import mergan_jtr
+    with pytest.raises(C.UserError, match="--mnist-train is read with --dataset mnist only"):
+        mergan_jtr.main(["--dataset", "synth", "--mnist-train", "55000",
+                         "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluator_cache_is_named_by_what_it_was_trained_on(tmp_path, monkeypatch):
     """One file per dataset, image size, preparation (padded or resized digits), image
     count and architecture; a file whose recorded key differs is retrained, not loaded."""
