@@ -2,7 +2,7 @@
 logs, and the largest |parameter| in their checkpoints. These set common.LOSS_BOUND and
 WEIGHT_BOUND (docs/core.md, "Divergence"), which must sit far above them.
 
-    python benchmarks/healthy_bounds.py runs/table1-mnist-s0        # a table's folder
+    python benchmarks/healthy_bounds.py runs/table1-mnist           # a table's folder
     python benchmarks/healthy_bounds.py runs/*                      # any run folders
 
 Reads every *.log and checkpoint.pt below the given folders (a run's own folder has no log:
