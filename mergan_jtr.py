@@ -94,6 +94,11 @@ def parse_args(argv=None):
         "ewc_lambda": (args.mode == "ewc", "with --mode ewc"),
         "fisher_samples": (args.mode == "ewc", "with --mode ewc"),
         "inception_fid": (args.final_metrics, "with --final-metrics")})
+    n_classes = (len([c for c in args.classes.split(",") if c.strip()]) if args.classes
+                 else C.dataset_info(args.dataset)[1])  # None for folder: not known yet
+    if args.mode == "ewc" and n_classes and args.fisher_samples < n_classes:
+        raise C.UserError(f"--fisher-samples {args.fisher_samples}: fewer than the run's "
+                          f"{n_classes} classes; the Fisher needs an image of each")
     return args
 
 
@@ -214,16 +219,18 @@ def fisher_information(G, D, classes, n, lambda_cls, batch=64):
     negative of the generator's own per-sample loss, Eqs. (2)+(3), under the frozen critic
     and classifier: D(G(z, c)) + lambda_cls * log C(c | G(z, c)). The n samples are split
     evenly over `classes`, each class's drawn in single-class batches of up to `batch` (64,
-    the training batch), so that G's conditional BN normalises each class over a batch of
-    its own as in training and evaluation (a mixed batch of 50 over 10 classes would give
-    each class about 5 rows of statistics)."""
+    the training batch) and of near-equal sizes (100 -> 50 + 50, never 64 + 36), so that
+    G's conditional BN normalises each class over a batch of its own as in training and
+    evaluation (a mixed batch of 50 over 10 classes would give each class about 5 rows of
+    statistics)."""
     params = dict(G.named_parameters())
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     dev, k = next(G.parameters()).device, len(classes)
     for i, cls in enumerate(classes):
         n_c = n // k + (i < n % k)                  # this class's share of the n samples
-        for start in range(0, n_c, batch):
-            m = min(batch, n_c - start)
+        n_b = -(-n_c // batch)                      # its batches: ceil(n_c / batch)
+        for b in range(n_b):
+            m = n_c // n_b + (b < n_c % n_b)        # near-equal sizes, at most `batch`
             c = torch.full((m,), cls, device=dev)
             score, logits = D(G(torch.randn(m, G.nz, device=dev), c))
             ll = score + lambda_cls * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)

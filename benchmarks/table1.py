@@ -100,7 +100,8 @@ def parse_args(argv=None):
                    help=f"comma-separated columns to run, of {', '.join(COLUMNS)} (default: "
                         "all but cumulative)")
     p.add_argument("--jobs", type=C.at_least(1), default=None, help="runs at the same time "
-                   "(default: every column at once on CUDA, one at a time on the CPU)")
+                   "(default: every run -- each column of each seed -- at once on CUDA, one "
+                   "at a time on the CPU)")
     p.add_argument("--classes", default=None, help="classes in task order, e.g. 0,1,2 "
                    "(default: all, one per task: the papers' protocol)")
     p.add_argument("--iters", type=int, default=None, help="generator iterations per task "
@@ -165,12 +166,14 @@ def seed_list(text):
 PASS_THROUGH = ("--mergan-args", "--ewc-args", "--dgm-args")
 # Flags the table gives every run itself: given again in a pass-through they would win
 # (argparse keeps the last) while the table reports its own value.
-TABLE_SETS = {"--seed": "the table's --seeds", "--out": "each run's folder is <--out>/<run>",
+TABLE_SETS = {"--seed": "the table's --seeds", "--out": "each run's folder is "
+              "<--out>/seed<k>/<run>",
               "--dataset": "the table's --dataset", "--data-root": "the table's --data-root",
               "--device": "the table's --device", "--eval-samples": "the table's "
               "--eval-samples", "--classes": "the table's --classes", "--iters": "the "
               "table's --iters, --jt-iters, --dgm-iters", "--no-download": "the table's "
-              "--no-download", "--mnist-train": "the table's --mnist-train", "--resume": "the table resumes its unfinished runs itself"}
+              "--no-download", "--mnist-train": "the table's --mnist-train",
+              "--resume": "the table resumes its unfinished runs itself"}
 
 
 def check_pass_through(flag, value):
@@ -279,9 +282,8 @@ def check_settings(args):
         with open(path) as f:
             old = json.load(f)
         if "seed" in old:  # a table of one seed whose runs are <out>/<name>, not seed<k>/
-            raise C.UserError(f"{args.out} holds a table of an earlier table1.py (runs "
-                              f"directly in it); move them to {args.out}/seed{old['seed']}/ "
-                              "and remove 'seed' from table1-args.json, or choose another "
+            raise C.UserError(f"{args.out} holds a table of an earlier table1.py (one seed, "
+                              "its runs directly in it, made with older code); choose another "
                               "--out")
         changed = [f"{k} {old.get(k)!r} -> {mine[k]!r}" for k in EXPERIMENT
                    if old.get(k) != mine[k]]
@@ -522,8 +524,8 @@ def report(args, results, device_name):
     ref_m = results[seq[0]] if seq else None
     T = len(args.class_list)
     paper = PAPER.get(args.dataset, {})
-    default_protocol = args.classes is None and (ref_m is None or all(
-        len(t) == 1 for t in ref_m["tasks"]))
+    default_protocol = (args.classes is None or args.class_list == list(range(10))) and (
+        ref_m is None or all(len(t) == 1 for t in ref_m["tasks"]))
     any_m = results[runs[0][0]]
     cells = cells_of(args, results, cols, seeds)
     jt_names = [name for name, col in runs_of(args) if col == "jt"]
@@ -567,20 +569,21 @@ def report(args, results, device_name):
     lines.append("| forgetting (avg, points) | " + " | ".join(
         "— (one task)" if c == "jt" else fmt_spread(cells[c]["forgetting"], several)
         for c in cols) + " |")
-    first = f"seed{seeds[0]}/"
+    def run_args(name):  # the flags of the first seed's finished run of that name
+        return next(results[rid]["args"] for rid, _, n, _ in runs if n == name)
 
     def iters(c):
         if c == "jt":
-            return " / ".join(f"{results[first + n]['args']['iters']} ({n[2:]} classes)"
-                              for n in jt_names if first + n in results)
-        a = results[first + c]["args"] if first + c in results else next(
-            results[rid]["args"] for rid, _, _, col in runs if col == c)
+            return " / ".join(f"{run_args(n)['iters']} ({n[2:]} classes)"
+                              for n in jt_names if any(r[2] == n for r in runs))
+        a = run_args(c)
         return str(a.get("iters") or f"{a.get('epochs')} epochs")
     lines.append("| iterations per task (JT: of its one task) | "
                  + " | ".join(iters(c) for c in cols) + " |")
+    seconds = {c: sum(results[rid]["seconds"] for rid, *_, col in runs if col == c)
+               for c in cols}
     lines.append("| training + evaluation time (s" + (", all seeds" if several else "")
-                 + ") | " + " | ".join(f"{sum(results[rid]['seconds'] for rid, *_, col in runs if col == c):.0f}"
-                                       for c in cols) + " |")
+                 + ") | " + " | ".join(f"{seconds[c]:.0f}" for c in cols) + " |")
     ref = [c for c in cols if c in PAPER["mnist"]]
     if ref:  # the papers' numbers, always, for reference (inline above only when comparable)
         lines += ["", "For reference, MeRGAN's Table 1 (10 one-digit tasks, the full datasets, "
@@ -676,11 +679,14 @@ def protocol_problems(args, n_train):
     why = []
     if args.classes is not None and args.class_list != list(range(10)):
         why.append(f"--classes {args.classes} (the paper: 0..9, one per task)")
-    budget = {"mnist": 4001, "svhn": 8001}[args.dataset]
+    budget, jt_budget = {"mnist": (4001, 40001), "svhn": (8001, 80001)}[args.dataset]
     if args.iters is not None and args.iters < budget:
         why.append(f"--iters {args.iters} (the authors: {budget} per task)")
-    if args.jt_iters is not None and args.jt_iters < 10 * budget:
-        why.append(f"--jt-iters {args.jt_iters} (the authors: {10 * budget})")
+    for name, col in runs_of(args):  # JT's iterations as run_command gives them
+        cmd = run_command(args, 0, name, col, False)
+        if col == "jt" and "--iters" in cmd and int(cmd[cmd.index("--iters") + 1]) < jt_budget:
+            why.append(f"{name} would train {cmd[cmd.index('--iters') + 1]} iterations (the "
+                       f"authors' joint.py: {jt_budget}; --jt-iters sets it)")
     if args.eval_samples != 6400:
         why.append(f"--eval-samples {args.eval_samples} (the paper: 6400 per class)")
     if n_train is not None and n_train not in FULL_TRAIN[args.dataset]:
@@ -711,8 +717,8 @@ def experiment_changes(args, flag):
             a, b = vars(mod.parse_args(base)), vars(mod.parse_args(base + tokens))
         except C.UserError:  # a flag this script does not take: the run itself says so
             continue
-        skip = set(C.RUN_FLAGS) | set(C.PER_CALL) | {"cuda_graphs", "final_metrics",
-                                                      "inception_fid"}
+        skip = set(C.RUN_FLAGS) | set(C.PER_CALL) | {  # how it runs, not what it computes
+            "cuda_graphs", "plain_step", "final_metrics", "inception_fid"}
         changed |= {f"--{k.replace('_', '-')} {a[k]} -> {b[k]}" for k in a
                     if k not in skip and a[k] != b.get(k)}
     return sorted(changed)
@@ -723,7 +729,8 @@ def check_lines(args, cells):
     within the seeds' spread (|ours - paper| <= 2 sd) or how far off."""
     paper = PAPER[args.dataset]
     out = ["### Check against the paper (MeRGAN Table 1, benchmarks/paper_values.json)", "",
-           "| column | tasks | ours | paper | ours − paper | verdict |", "|---|---|---|---|---|---|"]
+           "| column | tasks | ours | paper | ours − paper | verdict |",
+           "|---|---|---|---|---|---|"]
     inside = total = 0
     for c in [c for c in CHECKED if c in cells]:
         for t in (5, 10):

@@ -609,6 +609,9 @@ def test_validation_checks_follow_the_authors_schedule():
     assert checks[10] == 0 and checks[1010] == 100
     # an even number of epochs: the end is checked too
     assert dgm.validation_checks(40, 4, 2) == {10: 0, 30: 2, 40: 3}
+    # DGM-a's DGMa.py (`epoch % 5 == 0`, its default --val-every): epochs 0, 5, 10 and the end
+    assert dgm.validation_checks(120, 12, 5) == {10: 0, 60: 5, 110: 10, 120: 11}
+    assert dgm.parse_args(["--variant", "a"]).val_every == 5
 
 
 def test_best_validation_reports_the_test_accuracy_of_the_best_check(monkeypatch):

@@ -50,7 +50,7 @@ def test_a_flag_the_run_would_not_read_is_refused_in_one_line(script, argv, flag
 
 def test_the_same_flags_where_they_are_read_are_accepted():
     assert mergan_jtr.parse_args(["--mode", "ewc", "--ewc-lambda", "5", "--fisher-samples",
-                                  "9"]).ewc_lambda == 5
+                                  "10"]).ewc_lambda == 5
     assert mergan_jtr.parse_args(["--mode", "jt", "--jt-eval", "single-class"]).jt_eval == \
         "single-class"
     assert mergan_jtr.parse_args(["--mode", "jtr", "--jtr-weighting", "batch",

@@ -315,7 +315,7 @@ def test_ewc_penalty_of_the_sequential_baseline_carries_eq_9s_half(synth_eval, m
                              tasks=[[0], [1]], n_classes=10, channels=1, image_size=32)
     args = mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--iters", "1",
                                   "--dim", "8", "--log-every", "100", "--ewc-lambda", "4",
-                                  "--fisher-samples", "2"])
+                                  "--classes", "0,1", "--fisher-samples", "2"])
     torch.manual_seed(0)
     G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
     ewc = mergan_jtr.EWCState(G)
@@ -335,8 +335,9 @@ def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
     """mergan_jtr's Fisher (per-sample squared gradients of D(G(z,c)) + log C(c|G(z,c)))
     equals ewc_fewshot.fisher_information (which has its own known-answer test) given the
     same log-likelihood and the same random draws: n samples split evenly over the classes
-    (7 -> 4 of class 0, 3 of class 3), each class in single-class batches, as G is trained
-    and evaluated (its conditional BN normalises over the batch of one class)."""
+    (7 -> 4 of class 0, 3 of class 3), each class in single-class batches of near-equal
+    sizes up to `batch` (4 -> 2 + 2, not 3 + 1), as G is trained and evaluated (its
+    conditional BN normalises over the batch of one class)."""
     import ewc_fewshot
     torch.manual_seed(0)
     G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
@@ -351,15 +352,19 @@ def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
         return ll
     torch.manual_seed(1)
     mine = mergan_jtr.fisher_information(G, D, [0, 3], 7, 0.5, batch=3)
-    assert batches == [[0, 0, 0], [0], [3, 3, 3]]  # one class per batch, at most `batch`
+    assert batches == [[0, 0], [0, 0], [3, 3, 3]]  # one class per batch, at most `batch`
     torch.manual_seed(1)
-    ref = [ewc_fewshot.fisher_information(G, log_likelihood(c), n_c, batch=3)
-           for c, n_c in ((0, 4), (3, 3))]
+    ref = [ewc_fewshot.fisher_information(G, log_likelihood(c), n_c, batch=b)
+           for c, n_c, b in ((0, 4, 2), (3, 3, 3))]
     for k in ref[0]:
         want = (4 * ref[0][k] + 3 * ref[1][k]) / 7
         assert torch.allclose(mine[k], want, rtol=1e-5, atol=1e-12), k
     assert float(mine["fc.weight"].sum()) > 0
     assert mergan_jtr.fisher_information.__defaults__ == (64,)  # the training batch
+    with pytest.raises(C.UserError, match="--fisher-samples 4: fewer than the run's 10"):
+        mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--fisher-samples", "4"])
+    assert mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--classes", "0,1",
+                                  "--fisher-samples", "4"]).fisher_samples == 4
 
 
 @pytest.mark.parametrize("script", ["jtr", "ra"])

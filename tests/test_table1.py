@@ -269,8 +269,13 @@ def test_check_refuses_a_protocol_that_is_not_the_papers(tmp_path):
     table1, args = mnist_args()
     assert table1.protocol_problems(args, 60000) == []
     assert table1.protocol_problems(args, 55000) == []  # the authors' TF split
-    table1, args = mnist_args("--iters", "8001", "--mergan-args", "--log-every 50")
-    assert table1.protocol_problems(args, 60000) == []  # issue #4's budget; a run flag
+    table1, args = mnist_args("--iters", "8001", "--mergan-args", "--log-every 50 --plain-step")
+    assert table1.protocol_problems(args, 60000) == []  # issue #4's budget; how it runs
+    table1, args = mnist_args("--iters", "4001")  # JT would get 4001 x 5, not joint.py's 40001
+    assert table1.protocol_problems(args, 60000) == [
+        "jt5 would train 20005 iterations (the authors' joint.py: 40001; --jt-iters sets it)"]
+    table1, args = mnist_args("--iters", "4001", "--jt-iters", "40001")
+    assert table1.protocol_problems(args, 60000) == []
     table1, args = mnist_args("--classes", "0,1,2,3,4", "--iters", "200", "--eval-samples",
                               "320", "--mergan-args", "--dim 16 --lr 1e-3")
     why = "; ".join(table1.protocol_problems(args, 5000))
@@ -288,6 +293,13 @@ def test_check_refuses_a_protocol_that_is_not_the_papers(tmp_path):
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "not the paper's protocol" in res.stderr and match in res.stderr, res.stderr
     assert not out.exists()
+    # a folder of the one-seed layout (runs directly in it) is refused, not mixed in
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "table1-args.json").write_text(json.dumps({"seed": 0, "dataset": "mnist"}))
+    _, args = mnist_args("--out", str(old))
+    with pytest.raises(table1.C.UserError, match="a table of an earlier table1.py"):
+        table1.check_settings(args)
 
 
 def test_check_compares_each_cell_with_the_paper():
