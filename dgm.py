@@ -103,10 +103,12 @@ def parse_args(argv=None):
     p.add_argument("--replay-size", type=C.at_least(1), default=None,
                    help="replayed images per earlier class (default, authors: the current "
                         "task's training-set size)")
-    p.add_argument("--d-norm", default="none", choices=["none", "batch"],
-                   help="batch norm in D's 2nd and 3rd conv: none (default, WGAN-GP's advice) "
-                        "or batch (the authors': running statistics follow every pass; see "
-                        "docs/dgm.md for why it is not the default)")
+    p.add_argument("--d-norm", default="batch", choices=["batch", "none"],
+                   help="batch norm in D's 2nd and 3rd conv: batch (default, the authors': "
+                        "running statistics follow every pass, so the final model can "
+                        "collapse and A_t relies on the best validation check) or none "
+                        "(WGAN-GP's advice; steadier final models, for --val-split 0); "
+                        "docs/dgm.md")
     p.add_argument("--keep-d", action=argparse.BooleanOptionalAction, default=None,
                    help="keep D's conv layers from task to task (its two heads are still "
                         "reset); --no-keep-d re-initialises D at every task. Default: the "
