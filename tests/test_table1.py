@@ -321,3 +321,40 @@ def test_check_compares_each_cell_with_the_paper():
     assert "| SFT | 5 | 20.50 ± — (n=1) | 19.87 | +0.63 | one seed, no spread" in text
     assert "DGM" not in text
     assert "2 of 5 cells within 2 sd of the paper's value." in text
+
+
+def fake_metrics(seed, tasks, acc, iters=5):
+    """A finished run's metrics.json as the scripts write it (the fields report() reads)."""
+    T = len(tasks)
+    R = [[acc + t + seed if i <= t else None for i in range(T)] for t in range(T)]
+    return {"tasks": tasks, "tasks_done": T, "acc_matrix": R, "solver_acc_matrix": R,
+            "avg_acc": [sum(r[:t + 1]) / (t + 1) for t, r in enumerate(R)], "A": [50.0] * T,
+            "avg_forgetting": 1.0 + seed, "evaluator_test_acc": 99.0, "seconds": 10.0,
+            "class_acc": {str(c): [acc + seed] for task in tasks for c in task},
+            "args": {"eval_samples": 10, "iters": iters, "seed": seed}}
+
+
+def test_report_of_partial_seeds_and_lsuns_table_2(tmp_path):
+    """The table from whatever finished: a column one seed lacks is the mean of the others
+    (n says how many), JT's iterations come from any seed that has the run; on LSUN the
+    paper's Table 2 Acc stands beside ours with the 4-way evaluator's caveat."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    args = table1.parse_args(["--dataset", "mnist", "--classes", "0,1", "--columns",
+                              "jt,sft", "--seeds", "0,1", "--out", str(tmp_path / "m")])
+    os.makedirs(args.out)
+    results = {"seed0/sft": fake_metrics(0, [[0], [1]], 80.0),
+               "seed1/sft": fake_metrics(1, [[0], [1]], 80.0),
+               "seed1/jt2": fake_metrics(1, [[0, 1]], 90.0, iters=40)}  # seed 0's JT unfinished
+    md = table1.report(args, results, "cpu")
+    assert "| Acc after 2 tasks, ours | 91.00 ± — (n=1) | 81.50 ± 0.71 (n=2) |" in md, md
+    assert "| iterations per task (JT: of its one task) | 40 (2 classes) | 5 |" in md
+    assert "| forgetting (avg, points) | — (one task) | 1.50 ± 0.71 (n=2) |" in md
+    lsun = table1.parse_args(["--dataset", "lsun", "--columns", "sft,jtr", "--out",
+                              str(tmp_path / "l")])
+    os.makedirs(lsun.out)
+    tasks = [[0], [1], [2], [3]]
+    md = table1.report(lsun, {"seed0/sft": fake_metrics(0, tasks, 20.0),
+                              "seed0/jtr": fake_metrics(0, tasks, 70.0)}, "cpu")
+    assert "| Acc after 4 tasks, paper's Table 2 (a 10-way evaluator) | 15.02 | 79.19 |" in md
+    assert "our evaluator classifies the 4 scenes of the tasks (chance 25%)" in md
