@@ -390,8 +390,8 @@ class SolverD(nn.Module):
 
     norm="batch" puts the authors' BatchNorm after the 2nd and 3rd conv; as in their code,
     every pass in train mode (classifier batches, real, fake, interpolates, the generator's
-    fakes) moves its running statistics, which the test-time solver then uses. Our default
-    is "none" (WGAN-GP's advice, and a departure: docs/dgm.md)."""
+    fakes) moves its running statistics, which the test-time solver then uses (`--d-norm`'s
+    default); norm="none" is D without BN (docs/dgm.md)."""
 
     def __init__(self, channels, n_classes, ndf, image_size=32, norm="none"):
         super().__init__()
