@@ -221,6 +221,12 @@ def run_label(name, col):
     return f"JT, {name[2:]} classes at once" if col == "jt" else COLUMNS[col][0]
 
 
+def jt_iterations(args, k):
+    """Iterations of the JT run on the first k classes: --jt-iters, else --iters x k (the
+    sequential runs' budget up to task k), else None (the script's default, joint.py's)."""
+    return args.jt_iters or (args.iters * k if args.iters is not None else None)
+
+
 def run_command(args, seed, name, col, resume):
     """The command line of one run (its run folder is <out>/seed<seed>/<name>)."""
     _, script, own = COLUMNS[col]
@@ -235,7 +241,7 @@ def run_command(args, seed, name, col, resume):
     if col == "jt":  # the paper's JT of k tasks: classes of the first k tasks at once
         k = int(name[2:])
         cmd += ["--classes", ",".join(map(str, args.class_list[:k]))]
-        iters = args.jt_iters or (args.iters * k if args.iters is not None else None)
+        iters = jt_iterations(args, k)
     else:
         if args.classes is not None:
             cmd += ["--classes", args.classes]
@@ -666,6 +672,9 @@ LSUN_NOTE = ("LSUN: our evaluator classifies the 4 scenes of the tasks (chance 2
              "sits near 25% instead of 10%. The Table 2 row is for orientation, not a "
              "comparison (docs/mergan.md, \"LSUN\", says how to score with ten categories).")
 CHECKED = ("jt", "sft", "ewc", "dgr", "jtr", "ra")  # the columns with a paper value
+# Flags of how a run goes, not of what it computes: a pass-through may set them under --check.
+RUN_ONLY = set(C.RUN_FLAGS) | set(C.PER_CALL) | {"cuda_graphs", "plain_step", "final_metrics",
+                                                 "inception_fid"}
 
 
 def protocol_problems(args, n_train):
@@ -682,11 +691,11 @@ def protocol_problems(args, n_train):
     budget, jt_budget = {"mnist": (4001, 40001), "svhn": (8001, 80001)}[args.dataset]
     if args.iters is not None and args.iters < budget:
         why.append(f"--iters {args.iters} (the authors: {budget} per task)")
-    for name, col in runs_of(args):  # JT's iterations as run_command gives them
-        cmd = run_command(args, 0, name, col, False)
-        if col == "jt" and "--iters" in cmd and int(cmd[cmd.index("--iters") + 1]) < jt_budget:
-            why.append(f"{name} would train {cmd[cmd.index('--iters') + 1]} iterations (the "
-                       f"authors' joint.py: {jt_budget}; --jt-iters sets it)")
+    for name, col in runs_of(args):
+        iters = jt_iterations(args, int(name[2:])) if col == "jt" else None
+        if iters is not None and iters < jt_budget:
+            why.append(f"{name} would train {iters} iterations (the authors' joint.py: "
+                       f"{jt_budget}; --jt-iters sets it)")
     if args.eval_samples != 6400:
         why.append(f"--eval-samples {args.eval_samples} (the paper: 6400 per class)")
     if n_train is not None and n_train not in FULL_TRAIN[args.dataset]:
@@ -717,10 +726,8 @@ def experiment_changes(args, flag):
             a, b = vars(mod.parse_args(base)), vars(mod.parse_args(base + tokens))
         except C.UserError:  # a flag this script does not take: the run itself says so
             continue
-        skip = set(C.RUN_FLAGS) | set(C.PER_CALL) | {  # how it runs, not what it computes
-            "cuda_graphs", "plain_step", "final_metrics", "inception_fid"}
         changed |= {f"--{k.replace('_', '-')} {a[k]} -> {b[k]}" for k in a
-                    if k not in skip and a[k] != b.get(k)}
+                    if k not in RUN_ONLY and a[k] != b.get(k)}
     return sorted(changed)
 
 
