@@ -17,6 +17,7 @@ import common as C
 import dgr
 import mergan_jtr
 import mergan_ra
+import taskrun as R
 
 
 def main(argv=None):
@@ -41,7 +42,7 @@ def main(argv=None):
     for name, main_fn, extra in runs:
         out = os.path.join(a.out, f"{name.lower()}-s{a.seed}")
         print(f"\n=== {name} -> {out}", flush=True)
-        resume = ["--resume"] if os.path.exists(os.path.join(out, C.CHECKPOINT)) else []
+        resume = ["--resume"] if os.path.exists(os.path.join(out, R.CHECKPOINT)) else []
         results[name] = main_fn(common + extra + ["--out", out] + resume)
     rows = [[name, m["acc_matrix"][0][0], m["acc_matrix"][1][0], m["acc_matrix"][1][1],
              m["avg_acc"][1]] for name, m in results.items()]
@@ -51,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

@@ -10,19 +10,16 @@ One conditional generator G learns every task. For each task t it learns a binar
 m_t = sigma(s * e_t) over its weights (DGM-w) or its units (DGM-a), HAT-style: s is annealed
 from 1/s_max to s_max, so that the mask ends binary. What task t reserved (M <- max(M, m_t))
 is frozen for later tasks, a sparsity term keeps each task from reserving more than it needs,
-and after each task the network grows by what was reserved, so that the free capacity stays
-constant. The AC-GAN discriminator D is also the solver: its auxiliary head classifies the
-real data of the current task plus images that G replays for every earlier class, and its
-accuracy on the real test set of all classes seen so far is DGM's metric A_t, reported as the
-authors do at the best of the validation checks made during the task (a validation split
-held out of the training images), beside the final model's.
+and after each task the network grows by what was reserved (constant free capacity). The
+AC-GAN discriminator D is also the solver: its auxiliary head classifies the current task's
+real data plus G's replays of every earlier class; its accuracy on the real test set of all
+classes seen is DGM's A_t, reported as the authors do at the best validation check of the
+task (a split held out of the training images), beside the final model's.
 
     python dgm.py --dataset mnist                 # DGM-w, the authors' MNIST config
     python dgm.py --dataset mnist --variant a     # DGM-a
-    python dgm.py --dataset svhn                  # DGM-w, the authors' SVHN config
     python dgm.py --dataset synth --classes 0,1,2 --iters 300 --eval-samples 320  # CPU minutes
     python dgm.py --dataset synth --replay none   # forgetting baseline: no replay for D
-    python dgm.py --dataset mnist --val-split 0 --to-32px pad   # all training data, padded
 """
 import argparse
 import math
@@ -34,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import taskrun as R
 
 # The authors' cfg/*.yml (docs/dgm.md, "Hyperparameters"), plus their per-config switches:
 # keep_d (= not reinit_D), aux_g (the AC loss on G), the share of each class's training
@@ -41,6 +39,8 @@ import common as C
 # between validation checks (DGMw.py: every 2; DGMa.py: `epoch % 5 == 0`). Rows without an
 # authors' config are our choices, marked "ours"; docs/dgm.md says why.
 DIGITS = dict(lambda_gp=1.0, ndf=32, batch_size=64, keep_d=False, aux_g=False)
+FOLDER = dict(epochs=101, lr=2e-4, lambda_ru=0.001, lambda_gp=0.6, ngf=64, ndf=128,
+              batch_size=70, keep_d=True, aux_g=True, val_split=0.10)
 CONFIGS = {
     ("mnist", "w"): dict(DIGITS, epochs=101, lr=2e-3, s_max=1e4, lambda_ru=0.08, ngf=6,
                          val_split=0.15, val_every=2),
@@ -50,15 +50,11 @@ CONFIGS = {
                         val_split=0.10, val_every=2),
     ("svhn", "a"): dict(DIGITS, epochs=151, lr=5e-4, s_max=1e5, lambda_ru=0.001, ngf=20,
                         val_split=0.10, val_every=5),                        # ours
-    # `folder`: the hyperparameters and switches of the authors' ImageNet-50 run (32 px,
-    # D kept, AC loss on G) on OUR digit networks, not their ResNet G / ResNet-18 D: this
-    # is our 32px folder config, not the paper's ImageNet-50 setting (docs/dgm.md).
-    ("folder", "w"): dict(epochs=101, lr=2e-4, s_max=1e4, lambda_ru=0.001, lambda_gp=0.6,
-                          ngf=64, ndf=128, batch_size=70, keep_d=True, aux_g=True,
-                          val_split=0.10, val_every=2),                      # ours (see above)
-    ("folder", "a"): dict(epochs=101, lr=2e-4, s_max=1e5, lambda_ru=0.001, lambda_gp=0.6,
-                          ngf=64, ndf=128, batch_size=70, keep_d=True, aux_g=True,
-                          val_split=0.10, val_every=5),                      # ours
+    # `folder` (ours): the hyperparameters and switches of the authors' ImageNet-50 run
+    # (32 px, D kept, AC loss on G) on OUR digit networks, not their ResNet G / ResNet-18 D:
+    # not the paper's ImageNet-50 setting (docs/dgm.md).
+    ("folder", "w"): dict(FOLDER, s_max=1e4, val_every=2),
+    ("folder", "a"): dict(FOLDER, s_max=1e5, val_every=5),
 }
 # Datasets without a config borrow one: grey digits -> MNIST's, colour -> SVHN's. The offline
 # sets (1,000 images per class = 16 batches an epoch) are for CPU budgets: fewer epochs.
@@ -74,67 +70,54 @@ def parse_args(argv=None):
     C.add_common_args(p, iters=None, batch_size=None)
     p.add_argument("--variant", default="w", choices=["w", "a"],
                    help="w: DGM-w, a mask per weight; a: DGM-a, a mask per unit (activation)")
-    p.add_argument("--epochs", type=C.at_least(1), default=None,
-                   help="epochs per task (authors: 101 MNIST, 151 SVHN). Sets the default "
-                        "--iters (epochs x batches in the task's training set) and the "
-                        "annealing schedule of s, which rises epoch by epoch")
-    p.add_argument("--lr", type=C.positive, default=None,
-                   help="Adam learning rate of G and D, betas (0.5, 0.999) (authors: 2e-3 "
-                        "MNIST, 5e-4 SVHN)")
+    p.add_argument("--epochs", type=C.at_least(1), default=None, help="epochs per task "
+                   "(authors: 101 MNIST, 151 SVHN): the default --iters and s's schedule")
+    p.add_argument("--lr", type=C.positive, default=None, help="Adam's of G and D, betas "
+                   "0.5/0.999 (authors: 2e-3 MNIST, 5e-4 SVHN)")
     p.add_argument("--s-max", type=C.positive, default=None, help="final slope of the mask "
                    "sigmoid (authors: 1e4 DGM-w, 1e5 DGM-a)")
-    p.add_argument("--lambda-ru", type=C.non_negative, default=None,
-                   help="weight of the sparsity regulariser R_t (authors: 0.08 MNIST DGM-w, "
-                        "0.01 DGM-a, 0.001 SVHN)")
+    p.add_argument("--lambda-ru", type=C.non_negative, default=None, help="weight of the "
+                   "sparsity term R_t (authors: 0.08 MNIST DGM-w, 0.01 DGM-a, 0.001 SVHN)")
     p.add_argument("--lambda-gp", type=C.non_negative, default=None,
                    help="gradient-penalty weight (authors: 1.0 digits, 0.6 ImageNet)")
-    p.add_argument("--ngf", type=C.at_least(1), default=None,
-                   help="generator width before any growth: 4ngf, 2ngf, ngf channels (authors: "
-                        "6 DGM-w, 20 DGM-a)")
+    p.add_argument("--ngf", type=C.at_least(1), default=None, help="G's width before any "
+                   "growth: 4ngf, 2ngf, ngf channels (authors: 6 DGM-w, 20 DGM-a)")
     p.add_argument("--ndf", type=C.at_least(1), default=None,
                    help="discriminator width: ndf, 2ndf, 4ndf channels (authors: 32 digits)")
-    p.add_argument("--nz", type=C.at_least(1), default=128,
-                   help="noise size; the label's one-hot is written into its first n_classes "
-                        "entries (authors)")
+    p.add_argument("--nz", type=C.at_least(1), default=128, help="noise size; its first "
+                   "n_classes entries hold the label's one-hot (authors)")
     p.add_argument("--replay", default="generated", choices=["generated", "none"],
                    help="generated: D's classifier also learns from G's replays of every "
-                        "earlier class (DGM); none: only the current task (the forgetting "
-                        "baseline)")
-    p.add_argument("--replay-size", type=C.at_least(1), default=None,
-                   help="replayed images per earlier class (default, authors: the current "
-                        "task's training-set size)")
+                        "earlier class (DGM); none: the current task only (forgetting baseline)")
+    p.add_argument("--replay-size", type=C.at_least(1), default=None, help="replays per "
+                   "earlier class (default, authors: the task's training-set size)")
     p.add_argument("--d-norm", default="batch", choices=["batch", "none"],
-                   help="batch norm in D's 2nd and 3rd conv: batch (default, the authors': "
-                        "running statistics follow every pass, so the final model can "
-                        "collapse and A_t relies on the best validation check) or none "
-                        "(WGAN-GP's advice; steadier final models, for --val-split 0); "
-                        "docs/dgm.md")
+                   help="BN in D's 2nd and 3rd conv: batch (the authors'; its statistics follow "
+                        "every pass, the final model can collapse, A_t relies on the best "
+                        "validation check) or none (WGAN-GP's advice: steadier; for --val-split "
+                        "0); docs/dgm.md")
     p.add_argument("--keep-d", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep D's conv layers from task to task (its two heads are still "
-                        "reset); --no-keep-d re-initialises D at every task. Default: the "
-                        "authors' per-config choice (digits: re-initialise; folder: keep)")
+                   help="keep D's conv layers across tasks (heads are reset); --no-keep-d "
+                        "re-initialises D per task. Default: the authors' (digits: no; folder: "
+                        "keep)")
     p.add_argument("--aux-g", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the AC-GAN classification loss of G's images to G's loss (the "
-                        "authors' aux_G). Default: their per-config choice (digits: off; "
-                        "folder, from their ImageNet run: on)")
+                   help="add the AC-GAN loss of G's images to G's loss (the authors' aux_G). "
+                        "Default: theirs (digits: off; folder, their ImageNet run: on)")
     p.add_argument("--val-split", type=C.fraction, default=None,
                    help="share of each class's training images held out for model selection "
-                        "(authors: 0.15 MNIST, 0.10 SVHN); A_t is reported at the "
-                        "best-validation check, beside the final model's. 0: no split, report "
-                        "the final model")
-    p.add_argument("--val-every", type=C.at_least(1), default=None,
-                   help="epochs between validation checks of the solver, and one at the end "
-                        "of each task (default, authors: 2 for DGM-w, 5 for DGM-a)")
+                        "(authors: 0.15 MNIST, 0.10 SVHN): A_t at the best check, beside the "
+                        "final model's. 0: no split, the final model")
+    p.add_argument("--val-every", type=C.at_least(1), default=None, help="epochs between "
+                   "validation checks, plus one at a task's end (authors: 2 DGM-w, 5 DGM-a)")
     p.add_argument("--to-32px", default="resize", choices=["resize", "pad"],
-                   help="how 28x28 digits (mnist, fashion) become 32x32: resize (bilinear, the "
-                        "DGM authors') or pad (zero border, MeRGAN's)")
+                   help="28x28 digits (mnist, fashion) to 32x32: resize (bilinear, the DGM "
+                        "authors') or pad (zero border, MeRGAN's)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs / --no-cuda-graphs (default)
-    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs",))
+    args = R.parse_run_args(p, argv, run_flags=("cuda_graphs",))
     if args.dataset == "folder" and args.image_size is None:
         args.image_size = 32  # the authors' ImageNet-50 run is at 32x32
     key = (BORROW.get(args.dataset, args.dataset), args.variant)
-    cfg = dict(CONFIGS.get(key, CONFIGS[("mnist", args.variant)]))
-    cfg.update(OFFLINE.get(args.dataset, {}))
+    cfg = {**CONFIGS.get(key, CONFIGS[("mnist", args.variant)]), **OFFLINE.get(args.dataset, {})}
     for name, value in cfg.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -142,15 +125,13 @@ def parse_args(argv=None):
     if n_classes and args.nz < n_classes:
         raise C.UserError(f"--nz {args.nz}: the label's one-hot is written into the noise's "
                           f"first entries, so --nz must be at least {n_classes} on {args.dataset}")
-    C.refuse_unread(p, argv, {  # flags this run would never read
+    R.refuse_unread(p, argv, {  # flags this run would never read
         "replay_size": (args.replay == "generated", "with --replay generated"),
         "val_every": (args.val_split > 0, "with a validation split (--val-split above 0)")})
     return args
 
 
-# ------------------------------------------------------------------------------------------
-# The generator with learned binary masks and dynamic expansion
-# ------------------------------------------------------------------------------------------
+# -- The generator with learned binary masks and dynamic expansion -------------------------
 def dcgan_init(m):
     """The authors' `weights_init`: convolutions N(0, 0.02), BN scale N(1, 0.02) and offset
     0. Linear layers keep PyTorch's default (their `weights_init` does not touch them)."""
@@ -161,33 +142,24 @@ def dcgan_init(m):
         nn.init.zeros_(m.bias)
 
 
-def xavier_relu_(w):
-    """The authors' `weights_init_g`: Xavier-uniform with the ReLU gain sqrt(2)."""
-    return nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain("relu"))
-
-
 def init_masked_weight(variant, shape, grown=False):
     """A masked layer's weight tensor as the authors initialise it (docs/dgm.md, "Weight
-    initialisation"). DGM-w: Xavier-uniform, gain sqrt(2), at the start (`net_DGMw.py`:
-    netG.apply(weights_init_g)); N(0, 0.02) when grown (Plastic_ConvTranspose2d.expand:
-    weights_init). DGM-a: the other way round (`net_DGMa.py`: netG.apply(weights_init);
-    ConvTranspose2d.extand: weights_init_g). `grown` tensors are drawn whole, then the old
-    weights are copied into their corner, as the authors do."""
+    initialisation"). DGM-w: Xavier-uniform, gain sqrt(2) (`weights_init_g`) at the start
+    (`net_DGMw.py`), N(0, 0.02) (`weights_init`) when grown (Plastic_ConvTranspose2d.expand);
+    DGM-a the other way round (`net_DGMa.py`; ConvTranspose2d.extand). A `grown` tensor is
+    drawn whole, then the old weights are copied into its corner, as the authors do."""
     w = torch.empty(shape)
     if (variant == "w") != grown:
-        return xavier_relu_(w)
+        return nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain("relu"))
     return nn.init.normal_(w, 0.0, 0.02)
 
 
 class DGMGenerator(nn.Module):
-    """The authors' digit generator with HAT masks (docs/dgm.md).
-
-    Masked, shared layers: ConvT 4x4 (nz -> 4ngf, 1x1 -> 4x4), ConvT 4x4 s2 (-> 2ngf, 8x8),
-    ConvT 4x4 s2 (-> ngf, 16x16), no biases; each followed by a per-task BatchNorm and ReLU.
-    Per task: an unmasked output ConvT 4x4 s2 (-> channels, 32x32) + tanh. 64x64 images get
-    one more masked layer. Task t uses the first caps[t] channels of every layer, the widths
-    the network had while t was learned: units added later never reach it.
-    """
+    """The authors' digit generator with HAT masks (docs/dgm.md). Masked, shared layers:
+    ConvT 4x4 (nz -> 4ngf, 1x1 -> 4x4), ConvT 4x4 s2 (-> 2ngf, 8x8), ConvT 4x4 s2 (-> ngf,
+    16x16), no biases, each followed by a per-task BatchNorm and ReLU; per task an unmasked
+    output ConvT 4x4 s2 (-> channels, 32x32) + tanh; 64x64: one more masked layer. Task t
+    uses the first caps[t] channels of each layer (its widths): later units never reach it."""
 
     def __init__(self, variant, channels, n_classes, ngf, nz=128, image_size=32):
         super().__init__()
@@ -351,14 +323,11 @@ class DGMGenerator(nn.Module):
                                                           for l in range(len(self.widths)))}
 
 
-# ------------------------------------------------------------------------------------------
-# Checkpoints of the growing generator
-# ------------------------------------------------------------------------------------------
+# -- Checkpoints of the growing generator --------------------------------------------------
 def rebuild_structure(G, state):
-    """Give G the structure that a checkpoint's state dict of a grown DGMGenerator has: its
-    widths (the shared weights' shapes) and its tasks (one output layer each, with the
-    widths of that time: the shapes of the task's embeddings), as tensors to be filled by
-    `G.load_state_dict(state)`. The shapes say everything: nothing else is saved."""
+    """Give G the structure of a grown DGMGenerator's state dict, read from its shapes: the
+    widths (shared weights) and the tasks (output layers, with the widths of their time: the
+    embeddings' shapes), as tensors for `G.load_state_dict(state)` to fill."""
     dev = G.weights[0].device
     G.widths = [state[f"weights.{l}"].shape[1] for l in range(len(G.widths))]
     for l, w in enumerate(G.widths):
@@ -378,20 +347,15 @@ def rebuild_structure(G, state):
     return G
 
 
-# ------------------------------------------------------------------------------------------
-# The discriminator, which is also the incremental classifier (the "solver")
-# ------------------------------------------------------------------------------------------
+# -- The discriminator, which is also the incremental classifier (the "solver") ------------
 class SolverD(nn.Module):
     """The authors' AC-GAN discriminator: 5x5 s2 convs (ndf, 2ndf, 4ndf) without biases,
-    LeakyReLU 0.2; a critic head (1 score) and an auxiliary classifier head. The classifier
-    head has a row per class of the dataset, but only the rows of the classes seen so far are
-    used (= the authors' head that grows with every task). Init (authors): convs N(0, 0.02),
-    BN N(1, 0.02), both heads PyTorch's default.
-
-    norm="batch" puts the authors' BatchNorm after the 2nd and 3rd conv; as in their code,
-    every pass in train mode (classifier batches, real, fake, interpolates, the generator's
-    fakes) moves its running statistics, which the test-time solver then uses (`--d-norm`'s
-    default); norm="none" is D without BN (docs/dgm.md)."""
+    LeakyReLU 0.2; a critic head (1 score) and a classifier head with a row per class, of
+    which only the seen classes' are used (= the authors' head that grows with every task).
+    Init (authors): convs N(0, 0.02), BN N(1, 0.02), heads PyTorch's default. norm="batch":
+    the authors' BN after the 2nd and 3rd conv, whose running statistics every train-mode pass
+    moves (classifier, real, fake, interpolates, G's fakes) and the test-time solver uses;
+    "none": no BN (docs/dgm.md)."""
 
     def __init__(self, channels, n_classes, ndf, image_size=32, norm="none"):
         super().__init__()
@@ -421,9 +385,7 @@ class SolverD(nn.Module):
         self.classifier.reset_parameters()
 
 
-# ------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------
+# -- Training ------------------------------------------------------------------------------
 def s_schedule(it, iters, epochs, s_max, variant):
     """The authors' annealing of the mask slope within a task. Returns (s, s_ep).
     Per epoch e of E: s_ep = (s_max - 1/s_max) e / E + 1/s_max. DGM-w also anneals within the
@@ -539,32 +501,21 @@ def train_step(G, D, opt_G, opt_D, task, x, y, args, masked=True):
             "cls_loss": cls_loss.detach()}
 
 
-def adam(module, lr, graphed=False):
-    """Adam, betas (0.5, 0.999) (authors); fused, and `capturable` when a CUDA graph records
-    the update (C.adam)."""
-    return C.adam(module, lr, (0.5, 0.999), graphed=graphed)
-
-
-def task_iterations(args, env, t):
-    """--iters, or the authors' budget: --epochs passes over the task's training set."""
-    if args.iters is not None:
-        return args.iters
-    n = len(env.train.indices(env.tasks[t]))
-    return args.epochs * math.ceil(n / args.batch_size)
+def adam(module, lr):
+    """Adam, betas (0.5, 0.999) (authors), through C.adam (capturable on CUDA)."""
+    return C.adam(module, lr, (0.5, 0.999))
 
 
 def new_results():
     """DGM's own metrics, one entry per task (metrics.json, docs/dgm.md): the solver's
-    accuracy per seen task and A_t as reported (best validation check), the same for the
-    final model, the epoch of the best check, and the generator's size."""
+    accuracies and A_t as reported and of the final model, the best check's epoch, G's size."""
     return {"solver_acc_matrix": [], "A": [], "solver_acc_matrix_final": [], "A_final": [],
             "best_val_epoch": [], "generator": []}
 
 
 def validation_checks(iters, epochs, every):
     """The authors' model-selection schedule: after every `every`-th epoch (every 2: epochs
-    0, 2, 4, ... counted from 0) and after the last iteration. Returns {iterations done:
-    epoch}."""
+    0, 2, 4, ...) and after the last iteration. Returns {iterations done: epoch}."""
     per = iters / epochs
     checks = {min(iters, round((e + 1) * per)): e for e in range(0, epochs, every)}
     checks.setdefault(iters, epochs - 1)
@@ -588,10 +539,9 @@ class BestValidation:
 
 
 def train_task(t, G, D, env, args, generate, results):
-    """Learn task t: replay set, new task pieces, the training loop (with the validation
-    checks of the authors' model selection), then binarise, reserve and grow; finally D's
-    accuracy on the real test data of every seen task (A_t): at the best validation check,
-    and of the final model."""
+    """Learn task t: replay set, new task pieces, the loop (with the authors' validation
+    checks), binarise, reserve and grow; then D's accuracy on the real test data of every
+    seen task (A_t), at the best validation check and of the final model."""
     tasks, dev = env.tasks, env.device
     prev = [c for tk in tasks[:t] for c in tk]
     seen = torch.tensor(prev + tasks[t], device=dev)
@@ -604,17 +554,17 @@ def train_task(t, G, D, env, args, generate, results):
     assert G.add_task() == t
     D.reset(keep_body=args.keep_d and t > 0)
     graphed = C.use_cuda_graphs(args, dev)  # --cuda-graphs on a CUDA device
-    opt_G, opt_D = adam(G, args.lr, graphed), adam(D, args.lr, graphed)  # fresh every task
+    opt_G, opt_D = adam(G, args.lr), adam(D, args.lr)  # fresh every task
     # The mask slopes s and s_ep live on the device, refilled before every iteration, so
     # that one recorded iteration serves every s (CUDA graphs). float64, like the Python
     # floats they replace: the arithmetic is the same to the last bit.
     s_now, s_ep_now = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2))
     task = TaskSetup(t, seen, lookup, replay, s=s_now, s_ep=s_ep_now,
                      lam=args.lambda_ru * G.growth_factor())
-    iters = task_iterations(args, env, t)
-    progress = C.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
-    G.train()
-    D.train()
+    iters = args.iters if args.iters is not None else (  # authors: --epochs passes of the set
+        args.epochs * math.ceil(len(env.train.indices(tasks[t])) / args.batch_size))
+    progress = R.Progress(iters, args.log_every, f"[task {t + 1}/{len(tasks)}] ")
+    G.train(), D.train()
 
     def iteration():
         x, y = env.train.batch(args.batch_size, tasks[t])
@@ -690,10 +640,10 @@ def make_generate(G, tasks, n_classes, s_max, device):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    C.suspect(args, parse_args(["--dataset", args.dataset, "--variant", args.variant]),
+    R.suspect(args, parse_args(["--dataset", args.dataset, "--variant", args.variant]),
               ("lr", "lambda_ru", "lambda_gp"))  # named if training diverges
     # device, seed, data (28px digits resized to 32, as the authors do), tasks, evaluator
-    env = C.setup(args, f"dgm{args.variant}", digits=args.to_32px)
+    env = R.setup(args, f"dgm{args.variant}", digits=args.to_32px)
     if args.nz < env.n_classes:  # a folder's class count is known only now
         raise C.UserError(f"--nz {args.nz} must be at least the {env.n_classes} classes")
     G = DGMGenerator(args.variant, env.channels, env.n_classes, args.ngf, args.nz,
@@ -708,16 +658,16 @@ def main(argv=None):
     method = f"dgm-{args.variant}" + ("-noreplay" if args.replay == "none" else "")
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
-    run = C.TaskRun(args, env, method, {"G": G, "D": D}, generate, nz=args.nz, extra=results)
+    run = R.TaskRun(args, env, method, {"G": G, "D": D}, generate, nz=args.nz, extra=results)
     for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
         train_task(t, G, D, env, args, generate, results)  # + D's solver accuracy A_t
         run.end_task(t)  # generated-sample Acc of every class seen, sample grid, checkpoint
     metrics = run.finish()
     if metrics is None:
         return None
-    # The solver's A_t (at the best validation check where --val-split > 0, the authors'
-    # protocol), the final model's, and G's plasticity: the generated-sample Acc of the
-    # task just learned (the solver's A_t cannot show it: it learns that task from real data).
+    # The solver's A_t (at the best validation check where --val-split > 0, the authors'),
+    # the final model's, and G's plasticity: the generated-sample Acc of the newest task
+    # (the solver's A_t cannot show it: it learns that task from real data).
     header = (["after task"] + [",".join(map(str, task)) for task in env.tasks]
               + ["A_t", "A_t final model", "G: newest task Acc"])
     rows = [[t + 1] + results["solver_acc_matrix"][t]
@@ -738,4 +688,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

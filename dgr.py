@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import common as C
 import mergan_nets as M
+import taskrun as R
 
 # Table 1 of MeRGAN: DGR's average accuracy (%) after 5 and 10 tasks, one digit per task.
 PAPER = {"mnist": {5: 90.39, 10: 85.40}, "svhn": {5: 61.29, 10: 47.28}}
@@ -48,7 +49,7 @@ def parse_args(argv=None):
                         "calls c (0 if none); budget, the evaluator-confirmed images the solver "
                         "calls c out of --eval-samples, its share of the budget (docs/dgr.md)")
     M.add_mergan_args(p, table2=False)  # MeRGAN's WGAN-GP settings and digit nets
-    args = C.parse_run_args(p, argv, run_flags=("cuda_graphs",))
+    args = R.parse_run_args(p, argv, run_flags=("cuda_graphs",))
     if args.dataset == "lsun":
         raise C.UserError("DGR is not run on lsun: MeRGAN's Table 2 leaves it out, since its "
                           "generation is not conditioned on the category")
@@ -104,8 +105,7 @@ def critic_step(D, opt_D, x, fake, args):
     real data; the fakes are as many images of G, in batches of --batch-size (train_task).
     The gradient penalty is over every real row: the data distribution is the joined set."""
     score, _ = D(torch.cat([x, fake]))  # one pass: the critic has no batch norm
-    fast_grad = D.input_gradient if D.fast else None  # SPEED BRANCH, as in MeRGAN's scripts
-    gp = C.gradient_penalty(lambda v: D(v)[0], x, fake, fast_grad)
+    gp = C.gradient_penalty(lambda v: D(v)[0], x, fake)
     loss = score[len(x):].mean() - score[:len(x)].mean() + args.lambda_gp * gp  # Eq. (5)
     opt_D.zero_grad(set_to_none=True)
     loss.backward()
@@ -147,9 +147,8 @@ def train_task(t, G, D, S, env, args):
     re-initialised at every task (as MeRGAN's authors do for the GAN)."""
     task, n, dev = env.tasks[t], args.batch_size, env.device
     graphed = C.use_cuda_graphs(args, dev)  # --cuda-graphs on a CUDA device
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), args.plain_step, graphed)  # MeRGAN's
-                    for m in (G, D))
-    opt_S = C.adam(S, args.solver_lr, (0.9, 0.999), args.plain_step, graphed)
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9)) for m in (G, D))  # MeRGAN's
+    opt_S = C.adam(S, args.solver_lr, (0.9, 0.999))
     G_prev = S_prev = None
     if t > 0:  # the previous scholar, frozen: the source of replays and of their labels
         G_prev = copy.deepcopy(G).requires_grad_(False)
@@ -182,7 +181,7 @@ def train_task(t, G, D, S, env, args):
     # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
     step = C.GraphedStep(iteration, graphed)
-    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
+    progress = R.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())
 
@@ -226,7 +225,7 @@ def solver_accuracy(S, test, tasks_seen):
 
 
 def make_measure(G, S, env, args, results):
-    """measure(seen) for common.TaskRun: draws --eval-samples x len(seen) images from G, lets
+    """measure(seen) for taskrun.TaskRun: draws --eval-samples x len(seen) images from G, lets
     the solver and the evaluator classify each (in chunks of 100 batches: no image set
     held whole), and returns {c: Acc_c} (`dgr_accuracy`, --dgr-acc); the shares, the
     pooled agreement and the solver's A_t join `results` (metrics.json)."""
@@ -276,19 +275,19 @@ def solver_sampler(G, S, batch, tries=20):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    C.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
+    R.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
               ("lr", "lambda_gp", "solver_lr"))
-    env = C.setup(args, "dgr")  # device, seed, data on the device, tasks, evaluator
-    G = M.Generator(env.channels, None, args.dim, image_size=env.image_size,
-                    fast=not args.plain_step).to(env.device)  # unconditional
-    D = M.Critic(env.channels, None, args.dim, image_size=env.image_size,
-                 fast=not args.plain_step).to(env.device)     # critic only, no class head
+    env = R.setup(args, "dgr")  # device, seed, data on the device, tasks, evaluator
+    G = M.Generator(env.channels, None, args.dim,
+                    image_size=env.image_size).to(env.device)  # unconditional
+    D = M.Critic(env.channels, None, args.dim,
+                 image_size=env.image_size).to(env.device)  # critic only, no class head
     S = Solver(env.channels, env.n_classes).to(env.device)
     results = {"share": [], "pooled_acc": [], "solver_acc_matrix": [], "A": []}
     default_protocol = args.classes is None and args.classes_per_task == 1
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
-    run = C.TaskRun(args, env, "dgr", {"G": G, "D": D, "S": S},
+    run = R.TaskRun(args, env, "dgr", {"G": G, "D": D, "S": S},
                     generate=solver_sampler(G, S, args.batch_size), extra=results,
                     measure=make_measure(G, S, env, args, results))
     for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
@@ -310,4 +309,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

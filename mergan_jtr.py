@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import common as C
 import mergan_nets as M
+import taskrun as R
 
 # Table 1 of the paper: average accuracy (%) after 5 and 10 tasks, one digit per task.
 PAPER = {("jtr", "mnist"): {5: 97.93, 10: 97.00}, ("jtr", "svhn"): {5: 80.90, 10: 66.50},
@@ -80,14 +81,14 @@ def parse_args(argv=None):
                    help="--mode ewc: generated images whose squared per-sample gradients are "
                         "averaged into the Fisher information after each task")
     M.add_mergan_args(p)  # the flags both MeRGAN scripts share
-    args = C.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
     if args.iters is None and args.mode == "jt":  # JT, one task (joint.py): 40001, SVHN 80001
         args.iters = {"svhn": 80001, "synth-color": 80001}.get(args.dataset, 40001)
     M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset
     if args.mode == "jt" and args.arch != "dcgan":
         raise C.UserError("--mode jt is Table 1's JT, for the digit nets (--arch dcgan); "
                           "Table 2 (LSUN) has no JT column")
-    C.refuse_unread(p, argv, {  # flags the chosen mode never reads
+    R.refuse_unread(p, argv, {  # flags the chosen mode never reads
         "jtr_weighting": (args.mode == "jtr", "with --mode jtr"),
         "reduce_batch": (args.mode == "jtr", "with --mode jtr (its replays)"),
         "jt_eval": (args.mode == "jt", "with --mode jt"),
@@ -311,11 +312,7 @@ def critic_step(D, opt_D, x, y, fake, n_cur, args, mode=PLAIN):
     the gradient penalty uses the current task's rows only (authors)."""
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
     s_real, s_fake = score[:len(y)], score[len(y):]
-    # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
-    # BRANCH (the digit critic by default): its input gradient written out, the same value
-    # at about two thirds of the cost (mergan_nets.Critic.input_gradient, tested equal).
-    fast_grad = D.input_gradient if getattr(D, "fast", False) else None
-    gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur], fast_grad)
+    gp = C.gradient_penalty(lambda v: D(v)[0], x[:n_cur], fake[:n_cur])
     if mode.w is None:
         loss_gan = s_fake.mean() - s_real.mean() + args.lambda_gp * gp  # Eq. (5): WGAN-GP
         loss_cls = F.cross_entropy(logits[:len(y)], y)                   # Eq. (6): AC, real
@@ -360,8 +357,7 @@ def train_task(t, G, D, env, args, ewc=None):
     --mode ewc: `ewc` (an EWCState) holds F_{t-1} and theta_{t-1}; after the task it is
     refilled with F_t and theta_t for the next."""
     graphed = C.use_cuda_graphs(args, env.device)  # --cuda-graphs on a CUDA device
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), args.plain_step, graphed)  # paper's betas
-                    for m in (G, D))
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9)) for m in (G, D))  # paper's betas
     mode = task_mode(t, G, env, args, ewc)  # what this mode changes (Eqs. 9-11, JT)
 
     def iteration():  # one generator iteration: critic_iters critic steps, one G step
@@ -382,7 +378,7 @@ def train_task(t, G, D, env, args, ewc=None):
     # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
     step = C.GraphedStep(iteration, graphed)
-    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
+    progress = R.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())
     if args.mode == "ewc":  # F_t and theta_t for the next task: every class seen, frozen D
@@ -398,16 +394,18 @@ def train_task(t, G, D, env, args, ewc=None):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    C.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
+    R.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
               ("lr", "lambda_gp", "lambda_cls", "ewc_lambda"))
-    env = C.setup(args, f"mergan_{args.mode}")  # device, seed, data, tasks, evaluator
+    L = None  # Table 2's module (LSUN's data, ResNets, measures), loaded only when asked for
+    if args.dataset == "lsun" or args.arch == "resnet" or args.final_metrics:
+        import mergan_lsun as L
+    env = R.setup(args, f"mergan_{args.mode}", load=L and L.load_dataset)
     if args.mode == "jt":  # the paper's JT: one task, every class of the run at once
         env.tasks = [[c for task in env.tasks for c in task]]
         print(f"--mode jt: one task of classes {env.tasks[0]}, {args.iters} iterations",
               flush=True)
-    G, D = M.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
-                             env.image_size, critic_classes=env.n_classes,
-                             fast=not args.plain_step)
+    G, D = (L or M).mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
+                                    env.image_size, critic_classes=env.n_classes)
     G, D = G.to(env.device), D.to(env.device)
     models = {"G": G, "D": D}
     ewc = None
@@ -425,16 +423,16 @@ def main(argv=None):
             generate = balanced_generate(G, classes)
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
-    run = C.TaskRun(args, env, f"mergan-{args.mode}", models, generate=generate)
+    run = R.TaskRun(args, env, f"mergan-{args.mode}", models, generate=generate)
     for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
         train_task(t, G, D, env, args, ewc)  # real data of task t (+ replay, Eqs. 10-11)
         run.end_task(t)  # Acc of every class seen (row t of R), sample grid, checkpoint
     metrics = run.finish(paper=paper)
     if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows
         lsun = default_protocol and args.dataset == "lsun"
-        metrics = M.table2_report(run, PAPER_LSUN.get(args.mode) if lsun else None)
+        metrics = L.table2_report(run, PAPER_LSUN.get(args.mode) if lsun else None)
     return metrics
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import common as C
 import mergan_nets as M
+import taskrun as R
 
 # Table 1 of the paper: MeRGAN-RA average accuracy (%) after 5 and 10 tasks.
 PAPER = {"mnist": {5: 98.19, 10: 97.01}, "svhn": {5: 76.05, 10: 66.78}}
@@ -54,11 +55,11 @@ def parse_args(argv=None):
                         "earlier class and the alignment divided by K; off, a whole batch per "
                         "earlier class, not divided")
     M.add_mergan_args(p)  # the flags both MeRGAN scripts share
-    args = C.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
     M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3
-    C.refuse_unread(p, argv, {  # flags this run would never read
+    R.refuse_unread(p, argv, {  # flags this run would never read
         "lambda_cls": (args.ra_classifier, "with --ra-classifier"),
         "inception_fid": (args.final_metrics, "with --final-metrics")})
     return args
@@ -94,11 +95,7 @@ def critic_step(D, opt_D, x, y, fake, args):
     """WGAN-GP critic update on the current task only, real batch x, y against the fakes
     G(z, y); with --ra-classifier (authors) also the AC classifier's CE on the real images."""
     score, logits = D(torch.cat([x, fake]))        # one pass: the critic has no batch norm
-    # Plain form (--plain-step, and the ResNet critic): autograd's double backward. SPEED
-    # BRANCH (the digit critic by default): its input gradient written out, the same value
-    # at about two thirds of the cost (common.Critic.input_gradient, tested equal).
-    fast_grad = D.input_gradient if getattr(D, "fast", False) else None
-    gp = C.gradient_penalty(lambda v: D(v)[0], x, fake, fast_grad)
+    gp = C.gradient_penalty(lambda v: D(v)[0], x, fake)
     loss = score[len(y):].mean() - score[:len(y)].mean() + args.lambda_gp * gp  # Eq. (5)
     if logits is not None:  # --ra-classifier: Eq. (6), AC loss on the current real images
         loss = loss + args.lambda_cls * F.cross_entropy(logits[:len(y)], y)
@@ -141,8 +138,7 @@ def train_task(t, G, D, env, args):
     """Train task t. Adam's state is re-initialised at every task, as the authors do."""
     task, prev = env.tasks[t], [c for tk in env.tasks[:t] for c in tk]
     graphed = C.use_cuda_graphs(args, env.device)  # --cuda-graphs on a CUDA device
-    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9), args.plain_step, graphed)  # paper's betas
-                    for m in (G, D))
+    opt_G, opt_D = (C.adam(m, args.lr, (0.0, 0.9)) for m in (G, D))  # paper's betas
     # The frozen replay generator G_{t-1}, a copy taken before task t starts.
     G_prev = copy.deepcopy(G).requires_grad_(False) if prev else None
     prev_y = torch.tensor(prev, dtype=torch.long, device=env.device)  # once, not per step
@@ -163,7 +159,7 @@ def train_task(t, G, D, env, args):
     # With --cuda-graphs on CUDA the iteration is recorded once in a CUDA graph and replayed;
     # otherwise `step()` is simply `iteration()`.
     step = C.GraphedStep(iteration, graphed)
-    progress = C.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
+    progress = R.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())
 
@@ -171,26 +167,28 @@ def train_task(t, G, D, env, args):
 # ------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    C.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
+    R.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
               ("lr", "lambda_ra", "lambda_gp", "lambda_cls"))
-    env = C.setup(args, "mergan_ra")  # device, seed, data on the device, tasks, evaluator
-    G, D = M.mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
-                             env.image_size, fast=not args.plain_step,
-                             critic_classes=env.n_classes if args.ra_classifier else None)
+    L = None  # Table 2's module (LSUN's data, ResNets, measures), loaded only when asked for
+    if args.dataset == "lsun" or args.arch == "resnet" or args.final_metrics:
+        import mergan_lsun as L
+    env = R.setup(args, "mergan_ra", load=L and L.load_dataset)  # device, seed, data, evaluator
+    G, D = (L or M).mergan_networks(args.arch, env.channels, env.n_classes, args.dim,
+                                    env.image_size, env.n_classes if args.ra_classifier else None)
     G, D = G.to(env.device), D.to(env.device)
     default_protocol = args.classes is None and args.classes_per_task == 1
 
     # The continual-learning protocol: train task t, measure every class seen so far, save.
-    run = C.TaskRun(args, env, "mergan-ra", {"G": G, "D": D}, generate=G)
+    run = R.TaskRun(args, env, "mergan-ra", {"G": G, "D": D}, generate=G)
     for t in run.remaining_tasks():  # with --resume: after the last checkpointed task
         train_task(t, G, D, env, args)  # G_{t-1} frozen inside; replay alignment
         run.end_task(t)  # Acc of every class seen (row t of R), sample grid, checkpoint
     metrics = run.finish(paper=PAPER.get(args.dataset) if default_protocol else None)
     if metrics is not None and args.final_metrics:  # Table 2's Rev acc and FID rows
         lsun = default_protocol and args.dataset == "lsun"
-        metrics = M.table2_report(run, PAPER_LSUN if lsun else None)
+        metrics = L.table2_report(run, PAPER_LSUN if lsun else None)
     return metrics
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

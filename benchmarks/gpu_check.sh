@@ -2,10 +2,12 @@
 # The GPU evidence in ONE call of at most 9 minutes, on any machine with a CUDA device:
 #   mkdir -p data/mnist5k && cp <your MNIST *-ubyte.gz files, or a subset> data/mnist5k/
 #   OUT=gpu-check bash benchmarks/gpu_check.sh        # results and logs in $OUT
-# It uses the python3 on the PATH (the project needs torch >= 2.4: fused Adam) and no
-# package registry. data/ is git-ignored: a runner that copies the working tree must be
-# told to take data/mnist5k along (else ra10 is skipped, and says so). Parts, most valuable first, each with its own time limit and log in
-# $OUT, written as it goes, so a part cut short keeps what it did:
+# It uses the python3 on the PATH (a CUDA build of torch; requirements.txt names the tested
+# builds; Adam is torch's own, capturable for the graphed loop) and no package registry.
+# data/ is git-ignored: a runner that copies the working tree must be told to take
+# data/mnist5k along (else ra10 is skipped, and says so). Parts, most valuable first, each
+# with its own time limit and log in $OUT, written as it goes, so a part cut short keeps
+# what it did:
 #   env        GPU, driver, torch, cuDNN; stops here if CUDA is unusable
 #   pytest     tests/test_cuda.py: every script end to end on CUDA (a graph recorded where
 #              asked for), graph vs eager under deterministic kernels beside an eager-vs-

@@ -8,7 +8,7 @@ images resident on the device, at the first task and at the last of 10 (where JT
 (time of n1 + n iterations - time of n1 iterations) / n, so that the once-per-task costs
 (optimisers, the frozen copy, the graph's warm-up and recording, DGM's replay set and
 solver test) cancel out; they are reported apart as "per task". The eager loop is the one
-a reader meets in the scripts (--no-cuda-graphs: Adam neither capturable nor graphed).
+a reader meets in the scripts (--no-cuda-graphs: the iteration not graphed).
 
 Before a speed-up is reported, the two loops must agree: 8 iterations of each from the
 same weights and seed, every iteration's losses as printed (4 decimals, --log-every 1),
@@ -36,9 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import common as C
-import mergan_nets as M  # noqa: E402
 import dgm  # noqa: E402
 import mergan_jtr  # noqa: E402
+import mergan_nets as M  # noqa: E402
 import mergan_ra  # noqa: E402
 from dgm_speed import grow_to_task  # noqa: E402
 

@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
+import taskrun as R  # noqa: E402
 
 LOSS = re.compile(r"\] it +\d+/\d+ +(.*?) +[\d.]+ it/s")
 
@@ -50,11 +51,11 @@ def main(folders):
                                 weights[(name, kind)] = (big, path)
     print(C.fmt_table(["loss", "largest |value|", "in"],
                       [[k, v, p] for k, (v, p) in sorted(losses.items(), key=lambda kv: kv[1])]))
-    print(f"bound {C.LOSS_BOUND:g}\n")
+    print(f"bound {R.LOSS_BOUND:g}\n")
     print(C.fmt_table(["model", "of its", "largest |value|", "in"],
                       [[*k, v, p] for k, (v, p) in sorted(weights.items(),
                                                           key=lambda kv: kv[1])]))
-    print(f"bound {C.WEIGHT_BOUND:g} (on parameters only)")
+    print(f"bound {R.WEIGHT_BOUND:g} (on parameters only)")
 
 
 if __name__ == "__main__":

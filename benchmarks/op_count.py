@@ -6,8 +6,8 @@ predicted without a GPU. JTR, RA, the EWC baseline, DGM-w and DGM-a at task 1 an
 Each count runs the scripts' own `train_task` (as benchmarks/gpu_speed.py does) under a
 `TorchDispatchMode` that counts every ATen call, forward and backward; per iteration =
 (count of k + 2 iterations - count of k) / 2, so the once-per-task costs cancel out. The
-CUDA path: the plain 5x5 stride-2 convolutions (mergan_nets.SPACE_TO_DEPTH is CPU-only);
---cpu-path counts the CPU's regrouped ones.
+CPU and CUDA run the same ops, but for Adam: torch picks its multi-tensor (foreach) form
+only for CUDA tensors, so the count builds that one (`cuda_adam`).
 
     python benchmarks/op_count.py                  # all, the table
     python benchmarks/op_count.py --only ra --top 15   # and the 15 most frequent ops
@@ -25,7 +25,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_speed import dgm_task, fake_env, mergan_task  # noqa: E402
 import common as C  # noqa: E402  (gpu_speed put the project on the path)
-import mergan_nets as M  # noqa: E402
 
 NOT_KERNELS = ("_record_function_enter_new", "_record_function_exit",  # profiler marks
                "scalar_tensor")  # a Python number wrapped on the host for an op's argument
@@ -46,10 +45,24 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def cuda_adam():
+    """common.adam as torch builds it on CUDA: the multi-tensor (foreach) Adam, which it does
+    not pick for CPU tensors (the few device-side kernels of `capturable` aside)."""
+    adam = C.adam
+    C.adam = lambda module, lr, betas: torch.optim.Adam(module.parameters(), lr=lr,
+                                                         betas=betas, foreach=True)
+    try:
+        yield
+    finally:
+        C.adam = adam
+
+
 def count(make, name, t, iters, env):
-    run = make(name, t, iters, False, env)  # eager: a graph records exactly these calls
-    with OpCounter() as counter, contextlib.redirect_stdout(io.StringIO()):
-        run()
+    with cuda_adam():
+        run = make(name, t, iters, False, env)  # eager: a graph records exactly these calls
+        with OpCounter() as counter, contextlib.redirect_stdout(io.StringIO()):
+            run()
     return counter
 
 
@@ -65,12 +78,8 @@ def main(argv=None):
                    help="comma-separated subset of jtr, ra, ewc, dgmw, dgma")
     p.add_argument("--tasks", default="1,10", help="tasks (1-10) to count at")
     p.add_argument("--top", type=int, default=0, help="also list the N most frequent ops")
-    p.add_argument("--cpu-path", action="store_true", help="count the CPU's path (the "
-                   "space-to-depth convolutions) instead of the CUDA path")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if not args.cpu_path:
-        M.SPACE_TO_DEPTH = ()  # the plain convolutions, as on a GPU
     header = ["step", "task", "ATen ops/it", "kernels/it"]
     env = fake_env(torch.device("cpu"), n_per_class=64)
     rows = []

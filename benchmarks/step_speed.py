@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C
-import mergan_nets as M  # noqa: E402
 import mergan_jtr  # noqa: E402
+import mergan_nets as M  # noqa: E402
 
 
 def plain_iteration(G, D, opt_G, opt_D, x, y, critic_iters=5, lambda_gp=10.0):
@@ -69,9 +69,9 @@ def main():
     steps = {}
     for name in ("plain", "ours"):
         torch.manual_seed(0)
-        # plain: the same networks without their speed branches (as with --plain-step)
-        G, D = M.Generator(fast=name == "ours").to(dev), M.Critic(fast=name == "ours").to(dev)
-        opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9), plain=name == "plain") for m in (G, D))
+        # the same networks and optimisers; only the iteration differs
+        G, D = M.Generator().to(dev), M.Critic().to(dev)
+        opt_G, opt_D = (C.adam(m, 1e-4, (0.0, 0.9)) for m in (G, D))
         x = torch.rand(64, 1, 32, 32, device=dev) * 2 - 1
         y = torch.zeros(64, dtype=torch.long, device=dev)
         if name == "plain":

@@ -39,6 +39,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
+import taskrun as R  # noqa: E402
 
 # column -> (label, script, its own flags). JT is the paper's (--mode jt: one run on every
 # class at once, one run per reported task count). "cumulative" (not run by default) is
@@ -267,7 +268,7 @@ def state(folder):
     m = read_metrics(folder)
     if m and m.get("tasks_done") == len(m.get("tasks", [])) and "avg_acc" in m:
         return "done"
-    if os.path.exists(os.path.join(folder, C.CHECKPOINT)):
+    if os.path.exists(os.path.join(folder, R.CHECKPOINT)):
         return "resume"
     return "new"
 
@@ -673,7 +674,7 @@ LSUN_NOTE = ("LSUN: our evaluator classifies the 4 scenes of the tasks (chance 2
              "comparison (docs/mergan.md, \"LSUN\", says how to score with ten categories).")
 CHECKED = ("jt", "sft", "ewc", "dgr", "jtr", "ra")  # the columns with a paper value
 # Flags of how a run goes, not of what it computes: a pass-through may set them under --check.
-RUN_ONLY = set(C.RUN_FLAGS) | set(C.PER_CALL) | {"cuda_graphs", "plain_step", "final_metrics",
+RUN_ONLY = set(R.RUN_FLAGS) | set(R.PER_CALL) | {"cuda_graphs", "plain_step", "final_metrics",
                                                  "inception_fid"}
 
 
@@ -808,4 +809,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    C.cli(main)
+    R.cli(main)

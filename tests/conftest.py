@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import common as C
-import mergan_nets as M
+import local_data as LD
+import mergan_lsun as L
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +33,7 @@ def data_root(synth_eval):
 def image_folder(tmp_path):
     """A `folder` dataset: 3 class sub-folders of 12 synth-color PNGs each; returns its path."""
     import imageio.v2 as imageio
-    x, y = C.make_synth(12, seed=5, color=True)
+    x, y = LD.make_synth(12, seed=5, color=True)
     root = tmp_path / "imgs"
     for c in range(3):
         (root / f"class{c}").mkdir(parents=True)
@@ -51,8 +52,8 @@ def lsun_root(tmp_path):
                                "lmdb is in requirements.txt")
     import io
     from PIL import Image
-    x, _ = C.make_synth(9, seed=7, color=True)
-    for c, cat in enumerate(M.LSUN_CATEGORIES):
+    x, _ = LD.make_synth(9, seed=7, color=True)
+    for c, cat in enumerate(L.LSUN_CATEGORIES):
         for split, n in (("train", 6), ("val", 3)):
             db = lmdb.open(str(tmp_path / f"{cat}_{split}_lmdb"), map_size=1 << 24)
             with db.begin(write=True) as txn:

@@ -12,12 +12,13 @@ import torch
 
 import common as C
 import dgm
+import taskrun as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_env(synth_eval, tasks):
-    """What train_task needs from common.setup, built from the session's synth data."""
+    """What train_task needs from taskrun.setup, built from the session's synth data."""
     _, _, _, train, test = synth_eval
     return argparse.Namespace(device=torch.device("cpu"), train=train, test=test, val=None,
                               tasks=tasks, n_classes=10, channels=1, image_size=32)
@@ -337,8 +338,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_root, tmp_pat
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
     for key in ("acc_matrix", "solver_acc_matrix", "A", "generator"):
         assert a[key] == b[key], key
-    ga = C.load_checkpoint(str(full / C.CHECKPOINT))["models"]["G"]
-    gb = C.load_checkpoint(str(part / C.CHECKPOINT))["models"]["G"]
+    ga = R.load_checkpoint(str(full / R.CHECKPOINT))["models"]["G"]
+    gb = R.load_checkpoint(str(part / R.CHECKPOINT))["models"]["G"]
     assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
 
 
@@ -648,4 +649,18 @@ def test_train_task_reports_the_best_validation_check_beside_the_final_model(syn
     final = dgm.solver_accuracy(D, env.test, [[0], [1]], torch.tensor([0, 1]))
     assert res["solver_acc_matrix_final"][1] == final
     assert res["A_final"][1] == pytest.approx(sum(final) / 2)
-    assert len(res["solver_acc_matrix"][1]) == 2 and res["A"][1] >= 0
+    # the final model's accuracy, counted here from D's classifier head (seen = [0, 1])
+    D.eval()
+    with torch.no_grad():
+        for task, a in zip([[0], [1]], final):
+            x, y = env.test.subset(task)
+            right = (D(x, torch.tensor([0, 1]))[1].argmax(1) == y).sum().item()
+            assert a == pytest.approx(100.0 * right / len(y), abs=1e-3)
+    D.train()
+    # A_2 as reported: the mean of the row chosen at the best check, each a share (%) of
+    # the task's test images (a whole number of them)
+    acc = res["solver_acc_matrix"][1]
+    assert len(acc) == 2 and res["A"][1] == pytest.approx(sum(acc) / 2)
+    for task, a in zip([[0], [1]], acc):
+        n = len(env.test.subset(task)[1])
+        assert 0 <= a <= 100 and a * n / 100 == pytest.approx(round(a * n / 100), abs=1e-3)

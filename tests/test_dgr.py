@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import common as C
 import dgr
+import taskrun as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synth", "--classes", "0,1,2", "--iters", "3", "--dim", "8",
@@ -259,7 +260,7 @@ def test_dgr_runs_end_to_end_and_resumes_bit_identically(data_root, tmp_path):
     for name in ("args.json", "samples_task1.png", "samples_task3.png", "samples.gif",
                  "checkpoint.pt"):
         assert (tmp_path / "a" / name).exists(), name
-    ca = C.load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["models"]
+    ca = R.load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["models"]
     assert ca["S"]["learned"].nonzero().flatten().tolist() == [0, 1, 2]
     assert "classifier.weight" not in ca["D"]  # an unconditional critic
     assert ca["G"]["bns.0.scale"].shape[0] == 1  # one batch-norm scale: no classes
@@ -271,7 +272,7 @@ def test_dgr_runs_end_to_end_and_resumes_bit_identically(data_root, tmp_path):
     b = json.load(open(tmp_path / "b" / "metrics.json"))
     for k in ("acc_matrix", "class_acc", "share", "pooled_acc", "solver_acc_matrix", "A"):
         assert a[k] == b[k], k
-    cb = C.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["models"]
+    cb = R.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["models"]
     for net in ("G", "D", "S"):
         assert all(torch.equal(ca[net][k], cb[net][k]) for k in ca[net]), net
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import common as C
 import ewc_fewshot as E
+import frechet as FD
+import local_data as LD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +178,7 @@ def shots_and_source(seed=0):
     torch.manual_seed(seed)
     G, D = E.DCGANGenerator(3, 8, 16, 32), E.DCGANDiscriminator(3, 8, 32)
     E.dcgan_init(G)
-    x, _ = C.make_synth(1, seed=3, color="amber")
+    x, _ = LD.make_synth(1, seed=3, color="amber")
     return G, D, x[:4]
 
 
@@ -308,9 +310,9 @@ def test_joint_evaluator_sees_the_targets_look(data_root):
     tgt_test = C.to_float(dom["synth-amber"][3][:1000])
     assert E.target_share(net, tgt_test, n_src) > 0.99
     assert E.target_share(net, src_test, n_src) < 0.01
-    tgt_feat = C.features(net, C.to_float(dom["synth-amber"][0][:2000]))
-    fd_tgt = C.frechet_distance(C.features(net, tgt_test), tgt_feat)
-    fd_src = C.frechet_distance(C.features(net, src_test), tgt_feat)
+    tgt_feat = FD.features(net, C.to_float(dom["synth-amber"][0][:2000]))
+    fd_tgt = FD.frechet_distance(FD.features(net, tgt_test), tgt_feat)
+    fd_src = FD.frechet_distance(FD.features(net, src_test), tgt_feat)
     assert fd_src > 10 * fd_tgt, (fd_src, fd_tgt)
 
 
@@ -320,7 +322,7 @@ def test_domains_convert_channels_and_folders_of_loose_images(tmp_path):
     g, _, _ = E.load_domain("synth-color", None, False, None, 1, False)
     assert g.shape[1:] == (1, 32, 32)
     import imageio.v2 as imageio
-    imgs, _ = C.make_synth(1, seed=4, color=True)
+    imgs, _ = LD.make_synth(1, seed=4, color=True)
     (tmp_path / "mine").mkdir()
     for i, im in enumerate(imgs[:5]):
         imageio.imwrite(tmp_path / "mine" / f"{i}.png", im.permute(1, 2, 0).numpy())
@@ -408,7 +410,7 @@ def test_fewshot_to_a_folder_of_my_own_images(tmp_path, data_root):
     """--target folder --target-root DIR with loose images: one target class, so the
     joint evaluator has the source's 10 classes and this one."""
     import imageio.v2 as imageio
-    imgs, _ = C.make_synth(1, seed=6, color=True)
+    imgs, _ = LD.make_synth(1, seed=6, color=True)
     d = tmp_path / "portraits"
     d.mkdir()
     for i, im in enumerate(imgs[:6]):

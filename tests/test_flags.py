@@ -53,12 +53,15 @@ def test_the_same_flags_where_they_are_read_are_accepted():
                                   "10"]).ewc_lambda == 5
     assert mergan_jtr.parse_args(["--mode", "jt", "--jt-eval", "single-class"]).jt_eval == \
         "single-class"
-    assert mergan_jtr.parse_args(["--mode", "jtr", "--jtr-weighting", "batch",
-                                  "--no-reduce-batch", "--final-metrics", "--inception-fid"])
+    jtr = mergan_jtr.parse_args(["--mode", "jtr", "--jtr-weighting", "batch",
+                                 "--no-reduce-batch", "--final-metrics", "--inception-fid"])
+    assert (jtr.jtr_weighting, jtr.reduce_batch, jtr.final_metrics, jtr.inception_fid) == \
+        ("batch", False, True, True)
     assert mergan_ra.parse_args(["--lambda-cls", "7"]).lambda_cls == 7
     assert mergan_ra.parse_args(["--dataset", "lsun", "--inception-fid"]).inception_fid
     assert dgm.parse_args(["--replay-size", "5", "--val-every", "5"]).replay_size == 5
-    assert ewc_fewshot.parse_args(["--diversity-cap", "7", "--source-iters", "7"])
+    few = ewc_fewshot.parse_args(["--diversity-cap", "7", "--source-iters", "7"])
+    assert (few.diversity_cap, few.source_iters) == (7, 7)
 
 
 SCRIPTS = {"mergan_jtr.py": mergan_jtr, "mergan_ra.py": mergan_ra, "dgm.py": dgm,

@@ -1,6 +1,5 @@
 """Tests of MeRGAN (mergan_jtr.py with its SFT / EWC / JT baselines, mergan_ra.py)."""
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -12,9 +11,12 @@ import pytest
 import torch
 
 import common as C
-import mergan_nets as M
+import local_data as LD
 import mergan_jtr
+import mergan_lsun as L
+import mergan_nets as M
 import mergan_ra
+import taskrun as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +80,7 @@ def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
     x, y = mergan_jtr.replay_batch(G_prev, [0, 1], 8, 128, torch.device("cpu"), steps=2)
     assert len(y) == 16 and not x.requires_grad
     args = mergan_jtr.parse_args(["--dataset", "synth", "--iters", "1", "--critic-iters", "2"])
-    env = argparse.Namespace(train=C.TaskData(*C.make_synth(20, seed=0), torch.device("cpu")),
+    env = argparse.Namespace(train=C.TaskData(*LD.make_synth(20, seed=0), torch.device("cpu")),
                              tasks=[[0], [1], [2]], device=torch.device("cpu"))
     steps = []
     step = mergan_jtr.critic_step
@@ -99,7 +101,7 @@ def test_jtr_generator_is_frozen_copy_in_training(tmp_path):
 # ---------------------------------------------------------------- JTR minibatches
 def _mode(mode, t=3, G=None):
     """task_mode of task t of tasks [0], [1], [2], [3] on synth digits."""
-    x, y = C.make_synth(20, seed=0)
+    x, y = LD.make_synth(20, seed=0)
     env = argparse.Namespace(train=C.TaskData(x, y, torch.device("cpu")),
                              tasks=[[0], [1], [2], [3]], device=torch.device("cpu"))
     args = mergan_jtr.parse_args(["--dataset", "synth", "--mode", mode])
@@ -135,7 +137,7 @@ def test_jt_is_one_task_of_every_class_with_uniform_fakes_normalised_as_one_batc
     (independent of the real ones); G's batch norm over the whole mixed batch."""
     args = mergan_jtr.parse_args(["--mode", "jt", "--dataset", "synth", "--iters", "2",
                                   "--dim", "8", "--critic-iters", "2"])
-    x, y = C.make_synth(30, seed=0)
+    x, y = LD.make_synth(30, seed=0)
     env = argparse.Namespace(train=C.TaskData(x, y, torch.device("cpu")), tasks=[[0, 1, 2]],
                              device=torch.device("cpu"))
     G, D = M.Generator(dim=8), M.Critic(dim=8)
@@ -276,7 +278,7 @@ def test_ewc_mode_checkpoints_fisher_and_anchor(data_root, tmp_path):
     assert "ewc_penalty" in r.stdout
     m = json.load(open(out / "metrics.json"))
     assert m["tasks_done"] == 2 and m["args"]["ewc_lambda"] == 1e9
-    ck = C.load_checkpoint(str(out / "checkpoint.pt"))
+    ck = R.load_checkpoint(str(out / "checkpoint.pt"))
     F_fc = ck["models"]["ewc"]["F_fc_weight"]
     assert F_fc.shape == (4 * 4 * 32, 128) and float(F_fc.sum()) > 0
     F_bn = ck["models"]["ewc"]["F_bns_0_scale"]
@@ -365,51 +367,6 @@ def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
         mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--fisher-samples", "4"])
     assert mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--classes", "0,1",
                                   "--fisher-samples", "4"]).fisher_samples == 4
-
-
-@pytest.mark.parametrize("script", ["jtr", "ra"])
-def test_plain_step_gives_the_speed_branches_numbers(script):
-    """--plain-step (autograd's gradient penalty, nn.Conv2d / nn.ConvTranspose2d) against
-    the default speed branches (written-out input gradient, space-to-depth convolutions):
-    one critic step and one generator step from the same weights and random draws give the
-    same losses and the same gradients of every weight, to float rounding. (Weights after
-    several Adam steps are no test: Adam turns a rounding-size change of a near-zero
-    gradient into a full lr-size step.)"""
-    module = {"jtr": mergan_jtr, "ra": mergan_ra}[script]
-    args = module.parse_args(["--dataset", "synth", "--dim", "8"])
-    torch.manual_seed(0)
-    x = torch.rand(16, 1, 32, 32) * 2 - 1
-    y = torch.randint(0, 3, (16,))
-    out = {}
-    for plain in (False, True):
-        torch.manual_seed(1)  # the same initial weights for both
-        G, D = M.mergan_networks("dcgan", 1, 10, 8, 32, fast=not plain,
-                                 critic_classes=10 if script == "jtr" else None)
-        opt_G, opt_D = (torch.optim.SGD(m.parameters(), lr=0.0) for m in (G, D))  # no move
-        torch.manual_seed(2)  # the same noise and interpolation weights for both
-        with torch.no_grad():
-            fake = G(torch.randn(len(y), G.nz), y)
-        if script == "jtr":
-            d_loss = mergan_jtr.critic_step(D, opt_D, x, y, fake, len(y), args)[0]
-            grads = {"D." + k: p.grad.clone() for k, p in D.named_parameters()}
-            g_loss = mergan_jtr.generator_step(G, D, opt_G, y, args)[0]
-        else:
-            d_loss = mergan_ra.critic_step(D, opt_D, x, y, fake, args)
-            grads = {"D." + k: p.grad.clone() for k, p in D.named_parameters()}
-            G_prev = copy.deepcopy(G).requires_grad_(False)
-            g_loss = mergan_ra.generator_step(G, G_prev, D, opt_G, y, torch.tensor([0, 1]),
-                                              args)[0]
-        grads.update({"G." + k: p.grad.clone() for k, p in G.named_parameters()})
-        out[plain] = (float(d_loss), float(g_loss), grads)
-    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
-    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5)
-    # per weight tensor: |difference| <= 1e-4 |gradient| + 1e-6. The 1e-6 is for the
-    # tensors whose exact gradient is 0 (the critic's bias, which E[D(fake)] - E[D(real)]
-    # cancels; a conv bias followed by batch norm): both forms give rounding noise there.
-    bad = {k: (float((out[True][2][k] - g).norm()), float(g.norm()))
-           for k, g in out[False][2].items()
-           if (out[True][2][k] - g).norm() > 1e-4 * g.norm() + 1e-6}
-    assert not bad, bad
 
 
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
@@ -521,7 +478,7 @@ def test_divergence_in_a_later_task_keeps_the_last_good_checkpoint(data_root, tm
         return original(D, *a)
 
     monkeypatch.setattr(mergan_ra, "critic_step", poisoned)
-    with pytest.raises(C.Diverged, match=r"\[task 2/2\] training diverged by iteration"):
+    with pytest.raises(R.Diverged, match=r"\[task 2/2\] training diverged by iteration"):
         mergan_ra.main(args + ["--resume"])
     assert all(open(tmp_path / f, "rb").read() == b for f, b in saved.items())
 
@@ -568,8 +525,8 @@ def test_jt_learns_every_class_of_one_joint_task(data_root, tmp_path):
 
 # ---------------------------------------------------------------- the LSUN setting (Table 2)
 def test_resnet_networks_are_the_authors_lsun_nets():
-    G = M.ResNetGenerator(3, 4, dim=64, image_size=64)
-    D = M.ResNetCritic(3, 4, dim=64, image_size=64)
+    G = L.ResNetGenerator(3, 4, dim=64, image_size=64)
+    D = L.ResNetCritic(3, 4, dim=64, image_size=64)
     assert G.fc.in_features == 128 + 4 and G.fc.out_features == 4 * 4 * 512  # z + one-hot
     assert [b.conv2.out_channels for b in G.blocks] == [512, 256, 128, 64]
     assert G.out.out_channels == 3 and len(G.bn.scale) == 1  # shared BN scale/offset
@@ -578,7 +535,7 @@ def test_resnet_networks_are_the_authors_lsun_nets():
     assert isinstance(D.blocks[0].ln1, torch.nn.GroupNorm) and D.blocks[0].ln1.num_groups == 1
     assert D.critic.in_features == 512 * 16 and D.classifier.out_features == 4
     torch.manual_seed(0)
-    g, d = M.ResNetGenerator(3, 4, dim=4, image_size=16), M.ResNetCritic(3, 4, 4, 16)
+    g, d = L.ResNetGenerator(3, 4, dim=4, image_size=16), L.ResNetCritic(3, 4, 4, 16)
     z = torch.randn(8, 128)
     x = g(z, torch.zeros(8, dtype=torch.long))
     assert x.shape == (8, 3, 16, 16) and x.abs().max() <= 1
@@ -589,24 +546,24 @@ def test_resnet_networks_are_the_authors_lsun_nets():
 
 
 def test_lsun_loader_reads_lmdb_and_caches(lsun_root):
-    x, y, names = C.load_dataset("lsun", lsun_root, train=True, image_size=16)
-    assert names == list(M.LSUN_CATEGORIES)
+    x, y, names = L.load_dataset("lsun", lsun_root, train=True, image_size=16)
+    assert names == list(L.LSUN_CATEGORIES)
     assert x.shape == (24, 3, 16, 16) and x.dtype == torch.uint8
     assert torch.bincount(y).tolist() == [6, 6, 6, 6]
-    tx, ty, _ = C.load_dataset("lsun", lsun_root, train=False, image_size=16)
+    tx, ty, _ = L.load_dataset("lsun", lsun_root, train=False, image_size=16)
     assert tx.shape == (12, 3, 16, 16) and torch.bincount(ty).tolist() == [3, 3, 3, 3]
     # the colour cast of category c is in channel c % 3
     assert x[y == 1][:, 1].float().mean() > x[y == 1][:, 0].float().mean()
-    x2, _, _ = M.load_lsun(lsun_root, True, 16, per_class=2)
+    x2, _, _ = L.load_lsun(lsun_root, True, 16, per_class=2)
     assert len(x2) == 8
     # the decoded tensors are cached: the databases are not needed again
     import shutil
-    for cat in M.LSUN_CATEGORIES:
+    for cat in L.LSUN_CATEGORIES:
         shutil.rmtree(os.path.join(lsun_root, f"{cat}_train_lmdb"))
-    x3, y3, _ = C.load_dataset("lsun", lsun_root, train=True, image_size=16)
+    x3, y3, _ = L.load_dataset("lsun", lsun_root, train=True, image_size=16)
     assert torch.equal(x3, x) and torch.equal(y3, y)
     with pytest.raises(C.UserError, match="missing bedroom_train_lmdb"):
-        C.load_dataset("lsun", lsun_root, train=True, image_size=32)
+        L.load_dataset("lsun", lsun_root, train=True, image_size=32)
 
 
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
@@ -713,7 +670,7 @@ def test_ra_keeps_the_classifier_head_as_the_authors_code():
 def test_empty_lsun_lmdb_folders_are_one_line(tmp_path):
     """Empty <category>_train_lmdb folders once ended in lmdb.Error's traceback."""
     pytest.importorskip("lmdb", reason="the lsun loader reads lmdb databases")
-    for c in M.LSUN_CATEGORIES:
+    for c in L.LSUN_CATEGORIES:
         (tmp_path / f"{c}_train_lmdb").mkdir()
     with pytest.raises(C.UserError, match="bedroom_train_lmdb is not an lmdb database"):
-        M.load_lsun(str(tmp_path), True, 8)
+        L.load_lsun(str(tmp_path), True, 8)
