@@ -89,7 +89,7 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
     g.add_argument("--mnist-train", type=int, choices=(60000, 55000), default=60000, help="MNIST"
                    " training images: torchvision's 60000, or the MeRGAN authors' TF 55000")
     g.add_argument("--out", default=None, help="run folder (default: runs/<script>-<dataset>"
-                   "-s<seed>-<time>)")
+                   "-s<seed>-<time>-<random>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--seed", type=seed, default=0, help="seed for python, numpy and torch")
     g.add_argument("--iters", type=at_least(1), default=iters,

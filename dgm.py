@@ -122,6 +122,9 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     n_classes = C.dataset_info(args.dataset)[1]  # None for folder: checked in main
+    if args.dataset == "lsun":
+        raise C.UserError("DGM is not run on lsun (MeRGAN's Table 2 scenes, read by the MeRGAN "
+                          "scripts only); use --dataset folder for your own scenes")
     if n_classes and args.nz < n_classes:
         raise C.UserError(f"--nz {args.nz}: the label's one-hot is written into the noise's "
                           f"first entries, so --nz must be at least {n_classes} on {args.dataset}")

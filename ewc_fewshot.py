@@ -62,9 +62,10 @@ def parse_args(argv=None):
     g.add_argument("--image-size", type=C.at_least(4), default=None,
                    help="side of the square images (default: the target's, 32 for digits)")
     g.add_argument("--out", default=None, help="run folder (default: "
-                   "runs/ewc_fewshot-<source>-to-<target>-s<seed>-<time>)")
+                   "runs/ewc_fewshot-<source>-to-<target>-s<seed>-<time>-<random>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    g.add_argument("--seed", type=C.seed, default=0, help="seeds python, numpy, torch; picks shots")
+    g.add_argument("--seed", type=C.seed, default=0,
+                   help="seeds python, numpy, torch; picks shots")
     g.add_argument("--batch-size", type=C.at_least(1), default=64, help="minibatch size")
     g.add_argument("--log-every", type=C.at_least(1), default=100, help="iterations per log line")
     g.add_argument("--resume", action="store_true", help="continue the run in --out after "
@@ -107,8 +108,11 @@ def parse_args(argv=None):
         raise C.UserError(f"--ewc-lambda must be comma-separated numbers, got {args.ewc_lambda!r}")
     if not args.lambdas or not all(math.isfinite(v) and v >= 0 for v in args.lambdas):
         raise C.UserError("--ewc-lambda needs at least one value, each finite and >= 0")
-    for name in (args.source, args.target):
+    for side, name in (("source", args.source), ("target", args.target)):
         C.dataset_info(name)  # unknown names: one-line error
+        if name == "lsun":  # Table 2's four scenes: read by the MeRGAN scripts only
+            raise C.UserError(f"--{side} lsun: LSUN is read by mergan_jtr.py and mergan_ra.py "
+                              "only; export the scenes as an image folder (--target folder)")
     for side in ("source", "target"):
         root = getattr(args, f"{side}_root")
         if root and os.path.isfile(root):  # else load_dataset's message names --data-root
@@ -168,9 +172,11 @@ class DCGANDiscriminator(nn.Module):
 
 
 def dcgan_init(module):
-    """DCGAN's initialisation: conv weights N(0, 0.02), BN scale N(1, 0.02), offsets 0."""
+    """DCGAN's initialisation: conv weights N(0, 0.02), BN scale N(1, 0.02), offsets 0.
+    Spectrally normalised convs are skipped (re-initialising would leave sigma stale)."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)) and not \
+                nn.utils.parametrize.is_parametrized(m, "weight"):
             nn.init.normal_(m.weight, 1.0 if isinstance(m, nn.BatchNorm2d) else 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

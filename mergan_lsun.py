@@ -119,6 +119,7 @@ class ResNetCritic(nn.Module):
         logits = self.classifier(h) if self.classifier is not None else None
         return self.critic(h).squeeze(1), logits
 
+
 def mergan_networks(arch, channels, n_classes, dim, image_size, critic_classes):
     """mergan_nets.mergan_networks, and arch 'resnet': the LSUN nets (Table 2)."""
     if arch != "resnet":
@@ -189,9 +190,13 @@ def load_lsun(root, train, size, per_class=LSUN_PER_CLASS):
     C.atomic_save({"x": x, "y": y}, cache)
     return x, y, list(LSUN_CATEGORIES)
 
+
 def load_dataset(name, root="./data", train=True, image_size=None, *args, **kw):
     """common.load_dataset, and `lsun` from LSUN's lmdb files (load_lsun)."""
     if name == "lsun":
+        if os.path.isfile(root):
+            raise C.UserError(f"--data-root {root} is a file; lsun needs a folder ("
+                              f"{C.DATASETS['lsun'][3]})")
         return load_lsun(root, train, image_size or 64)
     return C.load_dataset(name, root, train, image_size, *args, **kw)
 

@@ -22,7 +22,7 @@ import common as C
 
 def add_mergan_args(p, table2=True):
     """The flags both MeRGAN scripts share (the paper's WGAN-GP settings, the networks, Table
-    2's report, the speed branches); each script adds its method's own. table2=False (dgr.py,
+    2's report, the speed branch); each script adds its method's own. table2=False (dgr.py,
     the digit nets only): without --arch, --final-metrics and --inception-fid."""
     p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
                    help="gradient-penalty weight in Eq. (5) (paper: 10)")

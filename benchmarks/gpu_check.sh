@@ -3,7 +3,7 @@
 #   mkdir -p data/mnist5k && cp <your MNIST *-ubyte.gz files, or a subset> data/mnist5k/
 #   OUT=gpu-check bash benchmarks/gpu_check.sh        # results and logs in $OUT
 # It uses the python3 on the PATH (a CUDA build of torch; requirements.txt names the tested
-# builds; Adam is torch's own, capturable for the graphed loop) and no package registry.
+# builds; Adam is torch's own, capturable on CUDA) and no package registry.
 # data/ is git-ignored: a runner that copies the working tree must be told to take
 # data/mnist5k along (else ra10 is skipped, and says so). Parts, most valuable first, each
 # with its own time limit and log in $OUT, written as it goes, so a part cut short keeps

@@ -1,5 +1,5 @@
 """How far healthy runs go: the largest |value| of every loss in the progress lines of run
-logs, and the largest |parameter| in their checkpoints. These set common.LOSS_BOUND and
+logs, and the largest |parameter| in their checkpoints. These set taskrun.LOSS_BOUND and
 WEIGHT_BOUND (docs/core.md, "Divergence"), which must sit far above them.
 
     python benchmarks/healthy_bounds.py runs/table1-mnist           # a table's folder

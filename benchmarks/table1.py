@@ -141,6 +141,9 @@ def parse_args(argv=None):
         raise C.UserError("--columns dgr on lsun: MeRGAN's Table 2 leaves DGR out (its "
                           "generation is not conditioned on the category); pass --columns "
                           "sft,ewc,jtr,ra")
+    if args.dataset == "lsun" and set(DGM) & set(args.columns):
+        raise C.UserError("--columns dgmw/dgma on lsun: DGM is not run on MeRGAN's Table 2 "
+                          "scenes; pass --columns sft,ewc,jtr,ra")
     if args.classes is not None:
         args.class_list = [int(c) for c in args.classes.split(",") if c.strip()]
     else:
@@ -305,8 +308,12 @@ def prepare_evaluator(args):
     """Train (or load) the dataset's evaluator once, before the runs start, so that parallel
     runs all load the same cached model instead of training it side by side."""
     device = C.pick_device(args.device)
-    data = [C.load_dataset(args.dataset, args.data_root, train, download=not args.no_download,
-                           mnist_train=args.mnist_train) for train in (True, False)]
+    load = C.load_dataset
+    if args.dataset == "lsun":  # Table 2's lmdb reader, as the MeRGAN scripts load it
+        import mergan_lsun
+        load = mergan_lsun.load_dataset
+    data = [load(args.dataset, args.data_root, train, download=not args.no_download,
+                 mnist_train=args.mnist_train) for train in (True, False)]
     args.n_train = len(data[0][1])
     refuse_check(args)  # a subset is known only now
     with open(os.path.join(args.out, "evaluator.log"), "w") as f:

@@ -1,5 +1,5 @@
 """The copy test: a student copies a method script with the project modules it imports, so
-those stay small (DEVELOPERS.md's budgets). Each budget goes red when it is crossed."""
+those stay small (docs/core.md, "The layout"). Each budget goes red when it is crossed."""
 import ast
 import json
 import os

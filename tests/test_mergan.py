@@ -674,3 +674,20 @@ def test_empty_lsun_lmdb_folders_are_one_line(tmp_path):
         (tmp_path / f"{c}_train_lmdb").mkdir()
     with pytest.raises(C.UserError, match="bedroom_train_lmdb is not an lmdb database"):
         L.load_lsun(str(tmp_path), True, 8)
+
+
+def test_lsun_is_read_by_the_mergan_scripts_only(tmp_path):
+    """LSUN's reader lives in mergan_lsun.py: common.load_dataset, DGM and the few-shot
+    script refuse --dataset/--source/--target lsun in one line, before any run folder."""
+    import dgm
+    import ewc_fewshot
+    with pytest.raises(C.UserError, match="read by mergan_jtr.py and mergan_ra.py only"):
+        C.load_dataset("lsun", str(tmp_path))
+    with pytest.raises(C.UserError, match="DGM is not run on lsun"):
+        dgm.parse_args(["--dataset", "lsun"])
+    with pytest.raises(C.UserError, match="--target lsun: LSUN is read by"):
+        ewc_fewshot.parse_args(["--target", "lsun", "--out", str(tmp_path / "run")])
+    assert not os.path.exists(tmp_path / "run")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(C.UserError, match="is a file; lsun needs a folder"):
+        L.load_dataset("lsun", str(tmp_path / "f"))

@@ -359,3 +359,24 @@ def test_report_of_partial_seeds_and_lsuns_table_2(tmp_path):
                               "seed0/jtr": fake_metrics(0, tasks, 70.0)}, "cpu")
     assert "| Acc after 4 tasks, paper's Table 2 (a 10-way evaluator) | 15.02 | 79.19 |" in md
     assert "our evaluator classifies the 4 scenes of the tasks (chance 25%)" in md
+
+
+def test_lsun_table_reads_lsun_through_the_mergan_reader(lsun_root, tmp_path, monkeypatch):
+    """Table 2's evaluator data comes from mergan_lsun's lmdb reader (common.load_dataset
+    refuses lsun), and DGM's columns are refused on lsun in one line."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import common as C
+    import table1
+    with pytest.raises(C.UserError, match="dgmw/dgma on lsun"):
+        table1.parse_args(["--dataset", "lsun", "--columns", "sft,dgmw"])
+    args = table1.parse_args(["--dataset", "lsun", "--data-root", lsun_root, "--columns",
+                              "sft", "--out", str(tmp_path), "--device", "cpu"])
+    seen = {}
+
+    def fake_evaluator(a, train, test, n_classes, device, log):
+        seen.update(train=len(train.y), test=len(test.y), classes=n_classes,
+                    size=train.x.shape[-1])
+        return None, 50.0
+    monkeypatch.setattr(C, "get_evaluator", fake_evaluator)
+    table1.prepare_evaluator(args)
+    assert seen == {"train": 24, "test": 12, "classes": 4, "size": 64}
