@@ -213,17 +213,20 @@ def ewc_term(G, ewc_lambda, fisher, anchor):
     return (ewc_lambda / 2) * ewc_penalty(G, fisher, anchor)
 
 
-def fisher_information(G, D, classes, n, lambda_cls, batch=64):
-    """Diagonal Fisher of G's parameters after a task: F_i = mean over n generated samples of
-    (d log L(x_j) / d theta_i)^2, one backward pass PER SAMPLE (the square of a mean
-    gradient would be a different, much smaller quantity). log L is our choice (docs): the
-    negative of the generator's own per-sample loss, Eqs. (2)+(3), under the frozen critic
-    and classifier: D(G(z, c)) + lambda_cls * log C(c | G(z, c)). The n samples are split
-    evenly over `classes`, each class's drawn in single-class batches of up to `batch` (64,
-    the training batch) and of near-equal sizes (100 -> 50 + 50, never 64 + 36), so that
-    G's conditional BN normalises each class over a batch of its own as in training and
-    evaluation (a mixed batch of 50 over 10 classes would give each class about 5 rows of
-    statistics)."""
+def fisher_information(G, classes, n, batch=64):
+    """Diagonal Fisher of G's parameters after a task. The paper does not say whose
+    likelihood its Fisher is (docs/mergan.md); ours reads G as a density over images with
+    unit Gaussian pixel noise, x ~ N(G(z, c), I), whose Fisher is
+        F_i = E_{z,c} E_{x ~ N(G(z,c), I)} [(d log p(x | z, c) / d theta_i)^2]
+            = E_{z,c} sum_pixels (d G(z, c)_p / d theta_i)^2,
+    how far the images of the classes seen move when theta_i moves. It is sampled as the
+    definition reads, x from the model itself (the true Fisher, not the empirical one of
+    some data labels): d log p(x|z,c) / d theta = eps^T dG(z,c)/d theta with eps = x -
+    G(z, c) ~ N(0, I). One backward pass PER SAMPLE: F = (1/n) sum_j g_j^2 (the square of a
+    mean gradient is another, much smaller quantity). The n samples are split evenly over
+    `classes`, each class's drawn in single-class batches of near-equal sizes up to `batch`
+    (100 -> 50 + 50, never 64 + 36), so that G's conditional BN normalises each class over
+    a batch of its own as in training and evaluation."""
     params = dict(G.named_parameters())
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     dev, k = next(G.parameters()).device, len(classes)
@@ -232,9 +235,9 @@ def fisher_information(G, D, classes, n, lambda_cls, batch=64):
         n_b = -(-n_c // batch)                      # its batches: ceil(n_c / batch)
         for b in range(n_b):
             m = n_c // n_b + (b < n_c % n_b)        # near-equal sizes, at most `batch`
-            c = torch.full((m,), cls, device=dev)
-            score, logits = D(G(torch.randn(m, G.nz, device=dev), c))
-            ll = score + lambda_cls * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+            mean = G(torch.randn(m, G.nz, device=dev), torch.full((m,), cls, device=dev))
+            x = mean.detach() + torch.randn_like(mean)  # x ~ N(G(z, c), I): the model's own
+            ll = -0.5 * (x - mean).square().flatten(1).sum(1)  # log p(x|z,c) + const
             for j in range(m):                      # per-sample gradients, squared
                 grads = torch.autograd.grad(ll[j], list(params.values()),
                                             retain_graph=j < m - 1, allow_unused=True)
@@ -381,11 +384,9 @@ def train_task(t, G, D, env, args, ewc=None):
     progress = R.Progress(args.iters, args.log_every, f"[task {t + 1}/{len(env.tasks)}] ")
     for it in range(args.iters):
         progress.update(it, step())
-    if args.mode == "ewc":  # F_t and theta_t for the next task: every class seen, frozen D
+    if args.mode == "ewc":  # F_t and theta_t for the next task, over every class seen
         seen = [c for tk in env.tasks[:t + 1] for c in tk]
-        D.requires_grad_(False)
-        new_f = fisher_information(G, D, seen, args.fisher_samples, args.lambda_cls)
-        D.requires_grad_(True)
+        new_f = fisher_information(G, seen, args.fisher_samples)
         for k, p in G.named_parameters():
             ewc.get("F_")[k].copy_(new_f[k])
             ewc.get("theta_")[k].copy_(p.detach())

@@ -231,10 +231,11 @@ def test_seeds_give_mean_and_sd_and_a_table_gains_seeds(data_root, tmp_path):
     a one-seed table called again with more seeds keeps its finished run and adds the
     others; the heatmap is drawn from the mean matrix."""
     out = tmp_path / "t1"
-    one = table(data_root, out, "--columns", "sft", "--seeds", "1")
+    budget = ("--iters", "40", "--mergan-args", "--dim 8 --lr 1e-3")  # seeds 0, 1 differ here
+    one = table(data_root, out, "--columns", "sft", "--seeds", "1", *budget)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-2000:]
     assert "seed 1" in (out / "table1.md").read_text()
-    res = table(data_root, out, "--columns", "sft", "--seeds", "0,1")
+    res = table(data_root, out, "--columns", "sft", "--seeds", "0,1", *budget)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "seed1/sft   SFT                    done" in res.stdout
     assert open(out / "seed1" / "sft.log").read().count("$ ") == 1  # not run again
