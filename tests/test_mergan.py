@@ -277,7 +277,7 @@ def test_ewc_mode_checkpoints_fisher_and_anchor(data_root, tmp_path):
                    "--device", "cpu")
     assert "ewc_penalty" in r.stdout
     m = json.load(open(out / "metrics.json"))
-    assert m["tasks_done"] == 2 and m["args"]["ewc_lambda"] == 1e9
+    assert m["tasks_done"] == 2 and m["args"]["ewc_lambda"] == 10
     ck = R.load_checkpoint(str(out / "checkpoint.pt"))
     F_fc = ck["models"]["ewc"]["F_fc_weight"]
     assert F_fc.shape == (4 * 4 * 32, 128) and float(F_fc.sum()) > 0
@@ -334,26 +334,26 @@ def test_ewc_penalty_of_the_sequential_baseline_carries_eq_9s_half(synth_eval, m
 
 
 def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
-    """mergan_jtr's Fisher (per-sample squared gradients of D(G(z,c)) + log C(c|G(z,c)))
-    equals ewc_fewshot.fisher_information (which has its own known-answer test) given the
-    same log-likelihood and the same random draws: n samples split evenly over the classes
-    (7 -> 4 of class 0, 3 of class 3), each class in single-class batches of near-equal
-    sizes up to `batch` (4 -> 2 + 2, not 3 + 1), as G is trained and evaluated (its
-    conditional BN normalises over the batch of one class)."""
+    """mergan_jtr's Fisher (per-sample squared gradients of log N(x; G(z,c), I), x drawn
+    from the model) equals ewc_fewshot.fisher_information (which has its own known-answer
+    test) given the same log-likelihood and the same random draws: n samples split evenly
+    over the classes (7 -> 4 of class 0, 3 of class 3), each class in single-class batches
+    of near-equal sizes up to `batch` (4 -> 2 + 2, not 3 + 1), as G is trained and evaluated
+    (its conditional BN normalises over the batch of one class)."""
     import ewc_fewshot
     torch.manual_seed(0)
-    G, D = M.Generator(1, 10, 8), M.Critic(1, 10, 8)
+    G = M.Generator(1, 10, 8)
     batches = []
     G.register_forward_hook(lambda mod, inp, out: batches.append(inp[1].tolist()))
 
     def log_likelihood(cls):
         def ll(G, m):
-            c = torch.full((m,), cls)
-            score, logits = D(G(torch.randn(m, G.nz), c))
-            return score + 0.5 * logits.log_softmax(1).gather(1, c[:, None]).squeeze(1)
+            mean = G(torch.randn(m, G.nz), torch.full((m,), cls))
+            x = mean.detach() + torch.randn_like(mean)
+            return -0.5 * (x - mean).square().flatten(1).sum(1)
         return ll
     torch.manual_seed(1)
-    mine = mergan_jtr.fisher_information(G, D, [0, 3], 7, 0.5, batch=3)
+    mine = mergan_jtr.fisher_information(G, [0, 3], 7, batch=3)
     assert batches == [[0, 0], [0, 0], [3, 3, 3]]  # one class per batch, at most `batch`
     torch.manual_seed(1)
     ref = [ewc_fewshot.fisher_information(G, log_likelihood(c), n_c, batch=b)
@@ -363,10 +363,48 @@ def test_ewc_mode_fisher_is_the_fewshot_fisher_of_the_same_likelihood():
         assert torch.allclose(mine[k], want, rtol=1e-5, atol=1e-12), k
     assert float(mine["fc.weight"].sum()) > 0
     assert mergan_jtr.fisher_information.__defaults__ == (64,)  # the training batch
+    assert float(mine["bns.0.scale"][[1, 2, 4]].abs().sum()) == 0  # classes never drawn
     with pytest.raises(C.UserError, match="--fisher-samples 4: fewer than the run's 10"):
         mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--fisher-samples", "4"])
     assert mergan_jtr.parse_args(["--mode", "ewc", "--dataset", "synth", "--classes", "0,1",
                                   "--fisher-samples", "4"]).fisher_samples == 4
+
+
+class LinearG(torch.nn.Module):
+    """x = W z + b_c as a 1x2x2 image: d x / d W_pj = z_j, d x / d b_c = 1."""
+    nz = 3
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(4, 3))
+        self.b = torch.nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, z, c):
+        return (z @ self.W.T + self.b[c]).view(-1, 1, 2, 2)
+
+
+def test_ewc_mode_fisher_of_a_linear_generator_has_its_closed_form():
+    """Known answer, by hand: for x ~ N(W z + b_c, I) the per-sample score is eps z^T for W
+    and eps for b_c (eps = x - W z - b_c), so F_W[p, j] = mean_j eps_p^2 z_j^2 and F_b[c, p] =
+    (1/n) sum over c's samples of eps_p^2, on the very draws the function makes (z, then eps,
+    per single-class batch); and in expectation F_W = 1, F_b[c] = c's share of the samples."""
+    torch.manual_seed(0)
+    G = LinearG()
+    torch.manual_seed(1)
+    F = mergan_jtr.fisher_information(G, [0, 1], 7, batch=2)  # class 0: 2 + 2; class 1: 2 + 1
+    torch.manual_seed(1)
+    want_W, want_b = torch.zeros(4, 3), torch.zeros(2, 4)
+    for c, m in ((0, 2), (0, 2), (1, 2), (1, 1)):
+        z = torch.randn(m, 3)
+        eps = torch.randn(m, 4)
+        want_W += (eps.square()[:, :, None] * z.square()[:, None, :]).sum(0)
+        want_b[c] += eps.square().sum(0)
+    assert torch.allclose(F["W"], want_W / 7, rtol=1e-5)
+    assert torch.allclose(F["b"], want_b / 7, rtol=1e-5)
+    torch.manual_seed(2)
+    F = mergan_jtr.fisher_information(G, [0, 1], 20000)  # 10000 of each class
+    assert abs(float(F["W"].mean()) - 1) < 0.05, F["W"]
+    assert torch.allclose(F["b"], torch.full((2, 4), 0.5), atol=0.03), F["b"]
 
 
 @pytest.mark.slow  # the slow tier: python -m pytest -m slow
