@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--ewc-lambda", type=C.non_negative, default=10.0,
                    help="--mode ewc: lambda_EWC of Eq. (9); 10 was chosen on synth for our "
                         "Fisher (docs/mergan.md); the paper's 1e9 belongs to a Fisher it "
-                        "does not define, and here freezes G after task 1")
+                        "does not define, and here holds G at the first task or two")
     p.add_argument("--fisher-samples", type=C.at_least(2), default=1000,
                    help="--mode ewc: generated images whose squared per-sample gradients are "
                         "averaged into the Fisher information after each task")
