@@ -560,11 +560,11 @@ def test_ewc_default_sits_between_sft_and_the_papers_lambda(data_root, tmp_path)
     Margins: the EWC default at least 15 points above SFT on the earlier classes and at
     least 15 above lambda 1e9 on the newest one."""
     acc = {}
-    for name, lam in (("sft", None), ("ewc", None), ("ewc1e9", "1e9")):
-        mode = ["--mode", "sft"] if name == "sft" else ["--mode", "ewc"]
-        run_script("mergan_jtr.py", *mode, *(["--ewc-lambda", lam] if lam else []),
-                   "--dataset", "synth", "--classes", "0,1,2", "--iters", "200", "--dim",
-                   "16", "--lr", "1e-3", "--eval-samples", "320", "--log-every", "100",
+    for name, mode in (("sft", ["--mode", "sft"]), ("ewc", ["--mode", "ewc"]),
+                       ("ewc1e9", ["--mode", "ewc", "--ewc-lambda", "1e9"])):
+        run_script("mergan_jtr.py", *mode, "--dataset", "synth", "--classes", "0,1,2",
+                   "--iters", "200", "--dim", "16", "--lr", "1e-3", "--eval-samples", "320",
+                   "--log-every", "100",
                    "--seed", "1", "--data-root", data_root, "--out", str(tmp_path / name),
                    "--device", "cpu", timeout=1200)
         acc[name] = json.load(open(tmp_path / name / "metrics.json"))["acc_matrix"][2]
