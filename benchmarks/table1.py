@@ -14,6 +14,9 @@ On the CPU they run one after the other. Each run is an ordinary run folder unde
 calling the command again skips finished runs and resumes interrupted ones (`--resume`).
 
     python benchmarks/table1.py --dataset mnist                 # Table 1 + DGM, paper budgets
+    python benchmarks/table1.py --dataset mnist --classes 0,1,2,3,4 --budget teaching \
+        --seeds 0,1,2 --jobs 2                                  # real digits on a CPU, hours
+    python benchmarks/table1.py --report docs/results/mnist5k-teaching   # rebuild, no runs
     python benchmarks/table1.py --dataset mnist --seeds 0,1,2 --check   # ... against the paper
     python benchmarks/table1.py --dataset svhn --columns jtr,ra
     python benchmarks/table1.py --dataset synth --classes 0,1 --iters 3 --dgm-iters 3 \\
@@ -22,7 +25,9 @@ calling the command again skips finished runs and resumes interrupted ones (`--r
 Outputs in --out: seed<k>/ per seed, holding one folder per run (the script's own run folder:
 metrics.json, samples, checkpoint; `jt5`, `jt10` for JT) and its log; `acc_matrix_<run>.png`
 (DGR and DGM also `solver_matrix_<run>.png`: the mean over the seeds), `table1.md`,
-`table1.json`.
+`table1.json`, `forgetting.png` (one generated image per class and column after the last task).
+A copy of the small files (table1-args.json, the logs, each run's metrics.json and last sample
+grid) is enough for `--report` and for adding seeds later.
 """
 import argparse
 import fcntl
@@ -126,6 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--ewc-args", default="", help="extra flags for the EWC run only, e.g. "
                    "\"--fisher-samples 200\"")
     p.add_argument("--dgm-args", default="", help="extra flags for DGM-w and DGM-a")
+    p.add_argument("--report", metavar="FOLDER", help="rebuild table1.md, table1.json and "
+                   "the pictures of the table in FOLDER from its finished runs, running "
+                   "nothing (with --check only; its settings are FOLDER's)")
     p.add_argument("--status-every", type=float, default=30.0,
                    help="seconds between status lines while runs are going")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -666,7 +674,8 @@ def report(args, results, device_name):
                      "once), so no paper value stands beside it.")
     notes.append("Accuracy matrices" + (" (the mean over the seeds)" if several else "")
                  + ": " + ", ".join(f"`acc_matrix_{n}.png`" for n, _ in runs_of(args)
-                                    if any(r[2] == n for r in runs)) + ".")
+                                    if any(r[2] == n for r in runs)) + ". `forgetting.png`: "
+                 f"one generated image per class after the last task (seed {seeds[0]}).")
     codes = {rid: codes_of(args, rid) for rid, *_ in runs}
     kinds = sorted({c for cs in codes.values() for c in cs} | ({"not recorded"} if not all(
         codes.values()) else set()))
@@ -696,7 +705,37 @@ def report(args, results, device_name):
                        "seconds": results[rid]["seconds"], "code": codes_of(args, rid)}
                  for rid, seed, name, col in runs}})
     draw_matrices(args, results, runs, several)
+    draw_gallery(args, runs, os.path.join(args.out, "forgetting.png"))
     return md
+
+
+def draw_gallery(args, runs, path, scale=2):
+    """Forgetting at a glance: one row per column of the table, one generated image per class
+    after the last task (each run's first grid image of that class: its samples_task<T>.png,
+    JT's of its one task; the first seed's run). SFT draws the last class in every row."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=13)
+    T, cell, left, top = len(args.class_list), 34 * scale, 110, 24
+    rows = []
+    for name, col in runs_of(args):
+        rid = next((rid for rid, _, n, _ in runs if n == name), None)
+        if col == "jt" and name != f"jt{T}" or rid is None:
+            continue
+        grid = Image.open(os.path.join(args.out, rid, "samples_task"
+                                       f"{1 if col == 'jt' else T}.png")).convert("RGB")
+        rows.append((run_label(name, col) if col != "jt" else "JT", [grid.crop(
+            (2, 2 + 34 * i, 34, 34 + 34 * i)) for i in range(T)]))  # class i's first image
+    img = Image.new("RGB", (left + cell * T + 6, top + cell * len(rows) + 6), "white")
+    d = ImageDraw.Draw(img)
+    for i, c in enumerate(args.class_list):
+        d.text((left + i * cell + cell // 2, top - 4), f"class {c}", fill="black", font=font,
+               anchor="mb")
+    for r, (label, cells) in enumerate(rows):
+        d.text((6, top + r * cell + cell // 2), label, fill="black", font=font, anchor="lm")
+        for i, im in enumerate(cells):
+            img.paste(im.resize((cell - 2, cell - 2), Image.NEAREST),
+                      (left + i * cell, top + r * cell))
+    C.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def draw_matrices(args, results, runs, several):
@@ -829,7 +868,47 @@ def refuse_check(args):
                           "compared with it: " + "; ".join(why))
 
 
+def rebuild(folder, check=False):
+    """--report FOLDER: table1.md, table1.json and the pictures again from the finished runs
+    in FOLDER (their metrics.json, logs and last sample grids; e.g. a committed copy under
+    docs/results/), with the settings of its table1-args.json; nothing is run."""
+    try:
+        with open(os.path.join(folder, "table1-args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise C.UserError(f"--report {folder}: no readable table1-args.json ({err})") from None
+    seeds = sorted(int(d[4:]) for d in os.listdir(folder) if re.fullmatch(r"seed\d+", d))
+    argv = ["--out", folder, "--device", "cpu", "--seeds", ",".join(map(str, seeds)),
+            "--columns", ",".join(c for c in COLUMNS if any(  # the columns with a run folder
+                os.path.isdir(os.path.join(folder, f"seed{s}", c)) or c == "jt" and any(
+                    re.fullmatch(r"jt\d+", n) for n in os.listdir(os.path.join(
+                        folder, f"seed{s}"))) for s in seeds))]
+    for k in EXPERIMENT:
+        if saved.get(k) is not None:
+            argv.append(f"--{k.replace('_', '-')}={saved[k]}")
+    args = parse_args(argv + (["--check"] if check else []))
+    refuse_check(args)
+    results = {rid: read_metrics(os.path.join(folder, rid)) for rid, *_ in all_runs(args)}
+    results = {r: m for r, m in results.items() if m and state(os.path.join(folder, r)) == "done"}
+    if not results:
+        raise C.UserError(f"--report {folder}: no finished run in it")
+    try:
+        with open(os.path.join(folder, "table1.json")) as f:
+            device_name = json.load(f)["device"]
+    except (OSError, ValueError, KeyError):
+        device_name = next(iter(results.values())).get("device", "unknown")
+    print(report(args, results, device_name), flush=True)
+    return results
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--report" in argv:  # --report FOLDER [--check]: nothing else is read
+        rest = [a for a in argv if a not in ("--report", "--check")]
+        if len(rest) != 1 or argv.index("--report") + 1 >= len(argv):
+            raise C.UserError("--report takes one folder (and --check), e.g. "
+                              "--report docs/results/mnist5k-teaching")
+        return rebuild(rest[0], "--check" in argv)
     args = parse_args(argv)
     refuse_check(args)
     device = C.pick_device(args.device)

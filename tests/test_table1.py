@@ -381,3 +381,99 @@ def test_lsun_table_reads_lsun_through_the_mergan_reader(lsun_root, tmp_path, mo
     monkeypatch.setattr(C, "get_evaluator", fake_evaluator)
     table1.prepare_evaluator(args)
     assert seen == {"train": 24, "test": 12, "classes": 4, "size": 64}
+
+
+def test_teaching_budget_sets_defaults_that_explicit_flags_override():
+    """--budget teaching: 400 iterations per task, 320 images per class, width 16 at lr 1e-3
+    for the MeRGAN family (JT: 400 x its tasks), DGM at the authors' epochs; a flag given
+    explicitly wins; --budget paper is the authors' (the scripts' defaults)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import mergan_jtr
+    import table1
+    base = ["--dataset", "mnist", "--classes", "0,1,2,3,4", "--out", "/nonexistent/t"]
+    args = table1.parse_args(base + ["--budget", "teaching"])
+    assert (args.iters, args.eval_samples, args.mergan_args) == (400, 320, "--dim 16 --lr 1e-3")
+    sft = table1.run_command(args, 0, "sft", "sft", False)
+    a = mergan_jtr.parse_args(sft[2:])
+    assert (a.iters, a.eval_samples, a.dim, a.lr, a.mode) == (400, 320, 16, 1e-3, "sft")
+    jt = table1.run_command(args, 0, "jt5", "jt", False)
+    assert jt[jt.index("--iters") + 1] == "2000"
+    dgm = table1.run_command(args, 0, "dgmw", "dgmw", False)
+    assert "--iters" not in dgm and "--dim" not in dgm  # the authors' epochs and widths
+    args = table1.parse_args(base + ["--budget", "teaching", "--iters", "100", "--eval-samples",
+                                     "64", "--mergan-args", "--dim 32"])
+    a = mergan_jtr.parse_args(table1.run_command(args, 0, "ra", "sft", False)[2:])
+    assert (a.iters, a.eval_samples, a.dim, a.lr) == (100, 64, 32, 1e-3)
+    paper = table1.parse_args(base)
+    assert (paper.iters, paper.eval_samples, paper.mergan_args) == (None, 6400, "")
+    table1, checked = mnist_args("--budget", "teaching")
+    assert "--iters 400" in "; ".join(table1.protocol_problems(checked, 60000))
+
+
+def test_runs_share_the_cpu_one_thread_each_unless_the_user_says():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    args = table1.parse_args(["--dataset", "mnist", "--device", "cpu", "--out", "/x/t"])
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    cores = os.cpu_count() or 1
+    try:
+        saved, os.environ = os.environ, env
+        assert table1.run_env(args, 2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+        assert "OMP_NUM_THREADS" not in table1.run_env(args, 1)  # one run: torch's own
+        env["OMP_NUM_THREADS"] = "3"
+        assert table1.run_env(args, 2)["OMP_NUM_THREADS"] == "3"  # the user's wins
+    finally:
+        os.environ = saved
+
+
+def grid_of_classes(classes, shade):
+    """A run's samples_task<T>.png as common.class_grid draws it: one row per class, ten
+    images; here every image of class c is the flat grey shade[c]."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import common as C
+    x = torch.cat([torch.full((10, 1, 32, 32), shade[c] * 2 - 1) for c in classes])
+    return C.image_grid(x, nrow=10)
+
+
+def test_report_rebuilds_a_committed_table_with_its_commits_and_gallery(tmp_path):
+    """--report FOLDER: the table again from the small files a results folder keeps (no
+    checkpoint, nothing run); the commit each run was started at, from its log; the gallery
+    holds, per column, the image of each class after the last task, from the right cell."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    out = tmp_path / "committed"
+    args = table1.parse_args(["--dataset", "mnist", "--classes", "0,1", "--columns", "sft",
+                              "--seeds", "0,1", "--budget", "teaching", "--out", str(out)])
+    os.makedirs(out)
+    table1.check_settings(args)
+    shade = {0: 0.2, 1: 0.8}
+    for s in (0, 1):
+        run = out / f"seed{s}" / "sft"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(fake_metrics(s, [[0], [1]], 80.0)))
+        imageio.imwrite(run / "samples_task2.png", grid_of_classes([0, 1], shade))
+        (out / f"seed{s}" / "sft.log").write_text("# code abc123\n$ python ...\n")
+    res = subprocess.run([sys.executable, TABLE, "--report", str(out)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (out / "table1.md").read_text()
+    assert "| Acc after 2 tasks, ours | 81.50 ± 0.71 (n=2) |" in md, md
+    assert "Code: every run at commit abc123." in md
+    assert json.load(open(out / "table1.json"))["runs"]["seed1/sft"]["code"] == ["abc123"]
+    g = imageio.imread(out / "forgetting.png")
+    cell, left, top = 68, 110, 24  # draw_gallery's layout at scale 2
+    for i, c in enumerate((0, 1)):
+        centre = g[top + cell // 2, left + i * cell + cell // 2]
+        assert abs(int(centre[0]) - round(255 * shade[c])) <= 1, (c, centre)
+    # a run resumed at another commit: the table says so
+    with open(out / "seed1" / "sft.log", "a") as f:
+        f.write("# code def456\n")
+    res = subprocess.run([sys.executable, TABLE, "--report", str(out)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert "runs are at several commits" in (out / "table1.md").read_text()
+    bad = subprocess.run([sys.executable, TABLE, "--report", str(tmp_path / "none")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "no readable table1-args.json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
