@@ -17,6 +17,7 @@ the solver assigns it (as the paper's figures do); see `dgr_accuracy` and docs/d
     python dgr.py --dataset mnist                   # DGR, Table 1 (MNIST 90.39 / 85.40)
     python dgr.py --dataset svhn                    # 8001 iterations per task
     python dgr.py --dataset mnist --dgr-acc budget  # the other reading of Acc (docs/dgr.md)
+    python dgr.py --dataset lsun --data-root LSUN   # Table 2: ResNets, Acc / Rev acc / FID
     python dgr.py --dataset synth --classes 0,1,2 --iters 300 --dim 16 --lr 1e-3 --eval-samples 320
     python benchmarks/table1.py --dataset mnist     # every Table 1 column, DGR among them
 """
@@ -34,6 +35,8 @@ import taskrun as R
 
 # Table 1 of MeRGAN: DGR's average accuracy (%) after 5 and 10 tasks, one digit per task.
 PAPER = {"mnist": {5: 90.39, 10: 85.40}, "svhn": {5: 61.29, 10: 47.28}}
+# Table 2: LSUN bedroom -> kitchen -> church_outdoor -> tower, after task 4.
+PAPER_LSUN = {"acc": 15.40, "rev_acc": 26.17, "fid": 93.70}
 
 
 def parse_args(argv=None):
@@ -48,15 +51,9 @@ def parse_args(argv=None):
                         "images: assigned, the evaluator's accuracy on the images the solver "
                         "calls c (0 if none); budget, the evaluator-confirmed images the solver "
                         "calls c out of --eval-samples, its share of the budget (docs/dgr.md)")
-    M.add_mergan_args(p, table2=False)  # MeRGAN's WGAN-GP settings and digit nets
-    args = R.parse_run_args(p, argv, run_flags=("cuda_graphs",))
-    if args.dataset == "lsun":
-        raise C.UserError("DGR is not run on lsun: MeRGAN's Table 2 leaves it out, since its "
-                          "generation is not conditioned on the category")
-    if args.dim is None:
-        args.dim = 32  # the authors' DIM for the digit nets
-    if args.iters is None:
-        args.iters = M.authors_iters(args.dataset)  # MNIST 4001, SVHN 8001 (train.sh)
+    M.add_mergan_args(p)  # MeRGAN's WGAN-GP settings, nets (LSUN: the ResNets), Table 2
+    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    M.mergan_defaults(args)  # arch, dim, iters (train.sh), Table 2's metrics per dataset
     return args
 
 
@@ -254,6 +251,27 @@ def make_measure(G, S, env, args, results):
     return measure
 
 
+def table2_metrics(G, S, env, args, classes, L):
+    """Table 2's rows besides Acc for an unconditional generator (mergan_lsun's
+    generated_set_metrics for a conditional one): --eval-samples x len(classes) images, each
+    labelled by the solver. Rev acc: a fresh classifier trained on them with those labels,
+    tested on the real test images of `classes`; FD: all of them against those images."""
+    dev = env.device
+    with torch.no_grad():
+        x = draw(G, args.eval_samples * len(classes), args.batch_size, dev)
+    width, steps = C.classifier_budget(args.dataset, len(x))
+    model = C.train_classifier(x, S.predict(x), env.n_classes, dev, steps=steps, width=width,
+                               seed=0)
+    tx, ty = env.test.subset(classes)
+    res = {"rev_acc": C.accuracy(model, tx, ty), "rev_acc_steps": steps,
+           "fd_evaluator": L.FD.frechet_distance(L.FD.features(env.evaluator, x),
+                                                 L.FD.features(env.evaluator, tx))}
+    if args.inception_fid:
+        inception = L.FD.inception_features(dev)
+        res["fid_inception"] = L.FD.frechet_distance(inception(x), inception(tx))
+    return res
+
+
 def solver_sampler(G, S, batch, tries=20):
     """generate(z, y) for the sample grids, rows = the class the solver assigned: images of
     G (fresh noise, batches of `batch`) kept where the solver calls them y's class; blank
@@ -277,11 +295,13 @@ def main(argv=None):
     args = parse_args(argv)
     R.suspect(args, parse_args(["--dataset", args.dataset]),  # named if training diverges
               ("lr", "lambda_gp", "solver_lr"))
-    env = R.setup(args, "dgr")  # device, seed, data on the device, tasks, evaluator
-    G = M.Generator(env.channels, None, args.dim,
-                    image_size=env.image_size).to(env.device)  # unconditional
-    D = M.Critic(env.channels, None, args.dim,
-                 image_size=env.image_size).to(env.device)  # critic only, no class head
+    L = None  # Table 2's module (LSUN's data, ResNets, measures), loaded only when asked for
+    if args.dataset == "lsun" or args.arch == "resnet" or args.final_metrics:
+        import mergan_lsun as L
+    env = R.setup(args, "dgr", load=L and L.load_dataset)  # device, seed, data, evaluator
+    G, D = (L or M).mergan_networks(args.arch, env.channels, None, args.dim, env.image_size,
+                                    critic_classes=None)  # unconditional; no class head
+    G, D = G.to(env.device), D.to(env.device)
     S = Solver(env.channels, env.n_classes).to(env.device)
     results = {"share": [], "pooled_acc": [], "solver_acc_matrix": [], "A": []}
     default_protocol = args.classes is None and args.classes_per_task == 1
@@ -296,6 +316,10 @@ def main(argv=None):
     metrics = run.finish(paper=PAPER.get(args.dataset) if default_protocol else None)
     if metrics is None:
         return None
+    if args.final_metrics:  # Table 2's Rev acc and FD rows, the solver naming each image
+        lsun = default_protocol and args.dataset == "lsun"
+        metrics = L.table2_report(run, PAPER_LSUN if lsun else None,
+                                  final=table2_metrics(G, S, env, args, run.all_classes, L))
     header = (["after task"] + [f"share {c}" for c in run.all_classes]
               + ["pooled agreement", "solver A_t"])
     rows = [[t + 1] + results["share"][t] + [None] * (len(run.all_classes) - len(

@@ -240,12 +240,14 @@ def generated_set_metrics(args, env, generate, classes, nz):
     return res
 
 
-def table2_report(run, paper=None):
+def table2_report(run, paper=None, final=None):
     """After the last task of `run` (a taskrun.TaskRun): `generated_set_metrics` over every
-    class (Table 2's rows: Rev acc, Frechet distances), added to metrics.json and printed
-    beside `paper` = {"acc", "rev_acc", "fid"} if given. Returns metrics.json's dict."""
+    class (Table 2's rows: Rev acc, Frechet distances; `final`: those rows measured another
+    way, dgr.py's), added to metrics.json and printed beside `paper` = {"acc", "rev_acc",
+    "fid"} if given. Returns metrics.json's dict."""
     t0, env = time.time(), run.env
-    final = generated_set_metrics(run.args, env, run.generate, run.all_classes, run.nz)
+    final = final or generated_set_metrics(run.args, env, run.generate, run.all_classes,
+                                           run.nz)
     metrics = run.write_metrics(seconds=time.time() - t0, **final)
     paper = paper or {}
     rows = [["Acc (%)", metrics["avg_acc"][-1], paper.get("acc")],

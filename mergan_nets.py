@@ -20,10 +20,9 @@ import torch.nn.functional as F
 import common as C
 
 
-def add_mergan_args(p, table2=True):
-    """The flags both MeRGAN scripts share (the paper's WGAN-GP settings, the networks, Table
-    2's report, the speed branch); each script adds its method's own. table2=False (dgr.py,
-    the digit nets only): without --arch, --final-metrics and --inception-fid."""
+def add_mergan_args(p):
+    """The flags the MeRGAN scripts and dgr.py share (the paper's WGAN-GP settings, the
+    networks, Table 2's report, the speed branch); each script adds its method's own."""
     p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
                    help="gradient-penalty weight in Eq. (5) (paper: 10)")
     p.add_argument("--critic-iters", type=C.at_least(1), default=5,
@@ -32,17 +31,16 @@ def add_mergan_args(p, table2=True):
                    "(paper: 1e-4, betas 0 and 0.9)")
     p.add_argument("--dim", type=C.at_least(1), default=None,
                    help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
-    if table2:
-        p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
-                       help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 "
-                            "LSUN nets (Table 2); auto: resnet for 64x64 images, else dcgan")
-        p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
-                       help="after the last task also report Table 2's Rev acc and the "
-                            "Frechet distance of generated to real test images (default: on "
-                            "for lsun)")
-        p.add_argument("--inception-fid", action="store_true",
-                       help="with --final-metrics, also Inception FID (needs torchvision's "
-                            "Inception-v3 weights, downloaded once)")
+    p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
+                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 "
+                        "LSUN nets (Table 2); auto: resnet for 64x64 images, else dcgan")
+    p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the last task also report Table 2's Rev acc and the "
+                        "Frechet distance of generated to real test images (default: on "
+                        "for lsun)")
+    p.add_argument("--inception-fid", action="store_true",
+                   help="with --final-metrics, also Inception FID (needs torchvision's "
+                        "Inception-v3 weights, downloaded once)")
     p.add_argument("--plain-step", action="store_true", help="draw the fakes with one "
                    "generator call per critic step (draw_batches' plain form): the same "
                    "images to float rounding, more kernel launches on a GPU")
@@ -65,7 +63,8 @@ def mergan_defaults(args):
         args.iters = authors_iters(args.dataset)
     if args.final_metrics is None:
         args.final_metrics = args.dataset == "lsun"
-    if args.reduce_batch is None:  # the authors: True for mnist/svhn, False for lsun
+    if getattr(args, "reduce_batch", 0) is None:  # the authors: on for mnist/svhn, off for
+        # lsun (dgr.py has no per-class batches, so no such flag)
         args.reduce_batch = args.arch == "dcgan"
 
 

@@ -156,13 +156,9 @@ def parse_args(argv=None):
                           f"choose from {', '.join(COLUMNS)}")
     if args.mnist_train != 60000 and args.dataset != "mnist":
         raise C.UserError(f"--mnist-train is read with --dataset mnist only, not {args.dataset}")
-    if args.dataset == "lsun" and "dgr" in args.columns:
-        raise C.UserError("--columns dgr on lsun: MeRGAN's Table 2 leaves DGR out (its "
-                          "generation is not conditioned on the category); pass --columns "
-                          "sft,ewc,jtr,ra")
     if args.dataset == "lsun" and set(DGM) & set(args.columns):
         raise C.UserError("--columns dgmw/dgma on lsun: DGM is not run on MeRGAN's Table 2 "
-                          "scenes; pass --columns sft,ewc,jtr,ra")
+                          "scenes; pass --columns sft,ewc,dgr,jtr,ra")
     if args.classes is not None:
         args.class_list = [int(c) for c in args.classes.split(",") if c.strip()]
     else:
@@ -719,12 +715,14 @@ def draw_gallery(args, runs, path, scale=2):
     rows = []
     for name, col in runs_of(args):
         rid = next((rid for rid, _, n, _ in runs if n == name), None)
-        if col == "jt" and name != f"jt{T}" or rid is None:
-            continue
-        grid = Image.open(os.path.join(args.out, rid, "samples_task"
-                                       f"{1 if col == 'jt' else T}.png")).convert("RGB")
+        png = rid and os.path.join(args.out, rid, f"samples_task{1 if col == 'jt' else T}.png")
+        if col == "jt" and name != f"jt{T}" or rid is None or not os.path.exists(png):
+            continue  # JT's run of every task, or a run whose grid is not kept
+        grid = Image.open(png).convert("RGB")
         rows.append((run_label(name, col) if col != "jt" else "JT", [grid.crop(
             (2, 2 + 34 * i, 34, 34 + 34 * i)) for i in range(T)]))  # class i's first image
+    if not rows:
+        return
     img = Image.new("RGB", (left + cell * T + 6, top + cell * len(rows) + 6), "white")
     d = ImageDraw.Draw(img)
     for i, c in enumerate(args.class_list):

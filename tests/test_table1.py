@@ -121,10 +121,11 @@ def test_table_user_errors_are_one_line(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: --columns")
     assert len(res.stderr.strip().splitlines()) == 1
-    # MeRGAN's Table 2 (LSUN) leaves DGR out: so does the table command, in one line
-    res = subprocess.run([sys.executable, TABLE, "--dataset", "lsun", "--columns", "sft,dgr",
+    # DGM is not on MeRGAN's Table 2 (LSUN); DGR is (Acc 15.40, Rev acc 26.17, FID 93.70)
+    res = subprocess.run([sys.executable, TABLE, "--dataset", "lsun", "--columns", "sft,dgma",
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 2 and "--columns dgr on lsun" in res.stderr
+    assert res.returncode == 2 and "--columns dgmw/dgma on lsun" in res.stderr
+    assert "sft,ewc,dgr,jtr,ra" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 
@@ -356,9 +357,13 @@ def test_report_of_partial_seeds_and_lsuns_table_2(tmp_path):
                               str(tmp_path / "l")])
     os.makedirs(lsun.out)
     tasks = [[0], [1], [2], [3]]
+    lsun = table1.parse_args(["--dataset", "lsun", "--columns", "sft,dgr,jtr", "--out",
+                              str(tmp_path / "l")])
     md = table1.report(lsun, {"seed0/sft": fake_metrics(0, tasks, 20.0),
+                              "seed0/dgr": fake_metrics(0, tasks, 20.0),
                               "seed0/jtr": fake_metrics(0, tasks, 70.0)}, "cpu")
-    assert "| Acc after 4 tasks, paper's Table 2 (a 10-way evaluator) | 15.02 | 79.19 |" in md
+    assert ("| Acc after 4 tasks, paper's Table 2 (a 10-way evaluator) | 15.02 | 15.40 | "
+            "79.19 |") in md
     assert "our evaluator classifies the 4 scenes of the tasks (chance 25%)" in md
 
 
