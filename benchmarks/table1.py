@@ -108,11 +108,13 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=C.at_least(1), default=None, help="runs at the same time "
                    "(default: every run -- each column of each seed -- at once on CUDA, one "
                    "at a time on the CPU)")
-    p.add_argument("--classes", default=None, help="classes in task order, e.g. 0,1,2 "
+    p.add_argument("--classes", type=class_list, default=None, help="classes in task order, "
+                   "e.g. 0,1,2 "
                    "(default: all, one per task: the papers' protocol)")
     p.add_argument("--iters", type=int, default=None, help="generator iterations per task "
                    "of the MeRGAN-family runs (default: the authors', 4001 MNIST, 8001 SVHN)")
-    p.add_argument("--jt-iters", type=int, default=None, help="iterations of each JT run "
+    p.add_argument("--jt-iters", type=C.at_least(1), default=None, help="iterations of each "
+                   "JT run "
                    "(default: the authors' joint.py, 40001 MNIST / 80001 SVHN, when --iters "
                    "is not given; else --iters x the tasks that JT run covers, the sequential "
                    "runs' budget up to that task)")
@@ -154,13 +156,16 @@ def parse_args(argv=None):
     if unknown or not args.columns:
         raise C.UserError(f"--columns: unknown {', '.join(unknown) or '(none given)'}; "
                           f"choose from {', '.join(COLUMNS)}")
+    twice = sorted({c for c in args.columns if args.columns.count(c) > 1})
+    if twice:
+        raise C.UserError(f"--columns: {', '.join(twice)} given twice (one run folder each)")
     if args.mnist_train != 60000 and args.dataset != "mnist":
         raise C.UserError(f"--mnist-train is read with --dataset mnist only, not {args.dataset}")
     if args.dataset == "lsun" and set(DGM) & set(args.columns):
         raise C.UserError("--columns dgmw/dgma on lsun: DGM is not run on MeRGAN's Table 2 "
                           "scenes; pass --columns sft,ewc,dgr,jtr,ra")
     if args.classes is not None:
-        args.class_list = [int(c) for c in args.classes.split(",") if c.strip()]
+        args.class_list = [int(c) for c in args.classes.split(",")]
     else:
         n = C.dataset_info(args.dataset)[1]
         if n is None and "jt" in args.columns:
@@ -172,6 +177,18 @@ def parse_args(argv=None):
     # absolute, so that the runs (started from any folder) and this process agree
     args.out, args.data_root = os.path.abspath(args.out), os.path.abspath(args.data_root)
     return args
+
+
+def class_list(text):
+    """argparse type of --classes: "0,1,2" (distinct integers >= 0), kept as given."""
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        classes = None
+    if not classes or min(classes) < 0 or len(set(classes)) != len(classes):
+        raise argparse.ArgumentTypeError(f"expected distinct class numbers such as 0,1,2, "
+                                         f"got {text!r}")
+    return text
 
 
 def seed_list(text):
@@ -199,7 +216,9 @@ TABLE_SETS = {"--seed": "the table's --seeds", "--out": "each run's folder is "
               "--eval-samples", "--classes": "the table's --classes", "--iters": "the "
               "table's --iters, --jt-iters, --dgm-iters", "--no-download": "the table's "
               "--no-download", "--mnist-train": "the table's --mnist-train",
-              "--resume": "the table resumes its unfinished runs itself"}
+              "--resume": "the table resumes its unfinished runs itself",
+              "--mode": "--columns (sft, ewc, jt, cumulative; jtr is mergan_jtr's default)",
+              "--variant": "--columns dgmw or dgma"}
 
 
 def check_pass_through(flag, value):
@@ -250,7 +269,9 @@ def run_label(name, col):
 def jt_iterations(args, k):
     """Iterations of the JT run on the first k classes: --jt-iters, else --iters x k (the
     sequential runs' budget up to task k), else None (the script's default, joint.py's)."""
-    return args.jt_iters or (args.iters * k if args.iters is not None else None)
+    if args.jt_iters is not None:
+        return args.jt_iters
+    return args.iters * k if args.iters is not None else None
 
 
 def run_command(args, seed, name, col, resume):
@@ -306,19 +327,28 @@ EXPERIMENT = ("dataset", "data_root", "mnist_train", "classes", "iters", "jt_ite
 
 
 def check_settings(args):
-    """Write <out>/table1-args.json on the first call; later calls must match it, so that a
-    finished run of another budget is never reported as this table's."""
+    """Write <out>/table1-args.json on the first call; once a run has started, later calls
+    must match it, so that a finished run of another budget is never reported as this
+    table's. Before any run (a first call that failed, e.g. on missing data) the new
+    command's settings replace it."""
     path = os.path.join(args.out, "table1-args.json")
     mine = {k: getattr(args, k) for k in EXPERIMENT}
+    started = any(re.fullmatch(r"seed\d+", d) for d in os.listdir(args.out))
+    old = None
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if "seed" in old:  # a table of one seed whose runs are <out>/<name>, not seed<k>/
-            raise C.UserError(f"{args.out} holds a table of an earlier table1.py (one seed, "
-                              "its runs directly in it, made with older code); choose another "
-                              "--out")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError:
+            if started:
+                raise C.UserError(f"{path} is not readable JSON (cut short?); restore it, or "
+                                  "choose another --out") from None
+    if isinstance(old, dict) and "seed" in old:  # one seed, its runs <out>/<name>
+        raise C.UserError(f"{args.out} holds a table of an earlier table1.py (one seed, its "
+                          "runs directly in it, made with older code); choose another --out")
+    if started and old is not None:
         changed = [f"{k} {old.get(k)!r} -> {mine[k]!r}" for k in EXPERIMENT
-                   if old.get(k) != mine[k]]
+                   if not isinstance(old, dict) or old.get(k) != mine[k]]
         if changed:
             raise C.UserError(f"{args.out} holds a table made with other settings "
                               f"({'; '.join(changed)}); choose another --out")
@@ -919,9 +949,13 @@ def main(argv=None):
                 os.path.join(args.out, "table1-args.json")))):
         raise C.UserError(f"--out {args.out} is not a table's folder (a file, or a folder "
                           "of other files without table1-args.json); choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-    check_settings(args)
-    lock(args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        check_settings(args)
+        lock(args.out)
+    except OSError as err:
+        raise C.UserError(f"--out {args.out}: cannot write there ({err.strerror or err}); "
+                          "choose another --out") from None
     print(f"table1: {len(all_runs(args))} runs in {args.out}, {jobs} at a time on "
           f"{device_name}", flush=True)
     t0 = time.time()

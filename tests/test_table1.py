@@ -482,3 +482,50 @@ def test_report_rebuilds_a_committed_table_with_its_commits_and_gallery(tmp_path
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "no readable table1-args.json" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_table_misuse_ends_in_one_line_or_the_right_behaviour(tmp_path):
+    """Issue 37's table cases: each a one-line refusal (exit 2) or the right behaviour."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import table1
+    C = table1.C
+
+    def one_line(*argv, match):
+        res = subprocess.run([sys.executable, TABLE, *argv], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert match in res.stderr, res.stderr
+        return res
+    out = str(tmp_path / "t")
+    one_line("--classes", "a,b", "--out", out, match="--classes")
+    one_line("--columns", "sft,sft", "--out", out, match="twice")
+    one_line("--jt-iters", "0", "--out", out, match="--jt-iters")
+    one_line("--columns", "sft", "--mergan-args", "--mode jtr", "--out", out,
+             match="--mode is set by the table")
+    one_line("--columns", "dgmw", "--dgm-args", "--variant a", "--out", out,
+             match="--variant is set by the table")
+    assert not os.path.exists(out)
+    # --jt-iters is read when given, not only when non-zero
+    args = table1.parse_args(["--dataset", "mnist", "--iters", "3", "--jt-iters", "7",
+                              "--out", "/x/t"])
+    assert table1.jt_iterations(args, 5) == 7
+    # a truncated table1-args.json of a table that has runs: one line, no JSONDecodeError
+    os.makedirs(os.path.join(out, "seed0"))
+    with open(os.path.join(out, "table1-args.json"), "w") as f:
+        f.write('{"dataset": "mn')
+    one_line("--dataset", "synth", "--classes", "0,1", "--out", out, match="table1-args.json")
+    # a table that never started a run (it failed before any, e.g. on missing data) takes
+    # the corrected command's settings instead of refusing them
+    empty = tmp_path / "e"
+    first = table1.parse_args(["--dataset", "mnist", "--iters", "5", "--out", str(empty)])
+    os.makedirs(first.out)
+    table1.check_settings(first)
+    fixed = table1.parse_args(["--dataset", "mnist", "--iters", "6", "--out", str(empty)])
+    table1.check_settings(fixed)
+    assert json.load(open(empty / "table1-args.json"))["iters"] == 6
+    os.makedirs(empty / "seed0" / "sft")  # once a run has started, the settings are kept
+    with pytest.raises(C.UserError, match="other settings"):
+        table1.check_settings(first)
+    # an --out that cannot be written (read-only to every user, root included): one line
+    one_line("--dataset", "synth", "--classes", "0,1", "--out", "/proc/no/t",
+             match="cannot write there")
