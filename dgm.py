@@ -130,7 +130,8 @@ def parse_args(argv=None):
                           f"first entries, so --nz must be at least {n_classes} on {args.dataset}")
     R.refuse_unread(p, argv, {  # flags this run would never read
         "replay_size": (args.replay == "generated", "with --replay generated"),
-        "val_every": (args.val_split > 0, "with a validation split (--val-split above 0)")})
+        "val_every": (args.val_split > 0, "with a validation split (--val-split above 0)"),
+        "to_32px": (args.dataset in ("mnist", "fashion"), "with 28-px digits (mnist, fashion)")})
     return args
 
 

@@ -6,8 +6,8 @@ Replay GANs", NeurIPS 2018, Section 4.1 ("an unconditional GAN followed by a cla
 predict the label"). Docs: docs/dgr.md.
 
 A "scholar" is a generator and a solver. The generator is an UNCONDITIONAL WGAN-GP on
-MeRGAN's digit networks and settings (the comparison with MeRGAN is then of the method
-alone); the solver is a classifier. Before each task frozen copies G_{t-1}, S_{t-1} are
+MeRGAN's networks and settings (digits: the DCGAN, dim 32; LSUN: the ResNets, dim 64; the
+comparison with MeRGAN is then of the method alone); the solver is a classifier. Before each task frozen copies G_{t-1}, S_{t-1} are
 kept. Every real minibatch of the current class is joined by one replayed minibatch drawn
 from G_{t-1} (all earlier tasks, MeRGAN Sec. 4.1): the generator learns the joined set as
 one distribution; the solver learns the current real images with their labels and the
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     M.add_mergan_args(p)  # MeRGAN's WGAN-GP settings, nets (LSUN: the ResNets), Table 2
     args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
     M.mergan_defaults(args)  # arch, dim, iters (train.sh), Table 2's metrics per dataset
+    R.refuse_unread(p, argv, {"inception_fid": (args.final_metrics, "with --final-metrics")})
     return args
 
 

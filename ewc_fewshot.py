@@ -665,7 +665,8 @@ def main(argv=None):
     evaluate_G, ev_desc = measurement_setup(args, (sx, sy, snames, *test[0][:2]),
                                             (tx, ty, tnames, *test[1][:2]), shots, device)
     R.run_inputs(ckpt, out, evaluator=ev_desc["fingerprint"])  # nothing measured is mixed
-    if "source" not in state["results"]:
+    if "source" not in state["results"]:  # its own draws: the same after --resume
+        torch.manual_seed(args.seed + 2)
         state["results"]["source"] = evaluate_G(G)
     # Stage 3: adaptation, once per lambda, all from the same source, Fisher and shots.
     grids, gif_frames = {}, {}

@@ -1,6 +1,6 @@
 """MeRGAN's Table 2 (Wu et al., NeurIPS 2018, Sec. 4.3): four LSUN scenes at 64x64. Only
-`mergan_jtr.py` and `mergan_ra.py` import it, and only when asked for (--dataset lsun,
---arch resnet or --final-metrics), so the digit scripts carry none of it:
+`mergan_jtr.py`, `mergan_ra.py` and `dgr.py` import it, and only when asked for (--dataset
+lsun, --arch resnet or --final-metrics), so the digit runs carry none of it:
 
   - the authors' 64x64 ResNets (`ResNetGenerator`, `ResNetCritic`, `mergan_networks`);
   - LSUN's lmdb files (`load_lsun`, behind `load_dataset`);

@@ -1,11 +1,11 @@
-"""What MeRGAN's scripts share (`mergan_jtr.py`, `mergan_ra.py`; `dgr.py` the nets): flags
-and the digit networks of Table 1. Table 2's LSUN nets, data and measures are in
+"""What MeRGAN's scripts share (`mergan_jtr.py`, `mergan_ra.py`, `dgr.py` without classes):
+flags and the digit networks of Table 1. Table 2's LSUN nets, data and measures are in
 mergan_lsun.py, imported only when asked for.
 
 Paper: C. Wu et al., "Memory Replay GANs", NeurIPS 2018 (docs/mergan.md). The authors' nets:
 a DCGAN generator with conditional batch norm (`Generator`) and a WGAN-GP critic with an
-auxiliary classifier head (`Critic`); the flags and data-dependent defaults of both scripts
-(`add_mergan_args`, `mergan_defaults`).
+auxiliary classifier head (`Critic`); the flags and data-dependent defaults of the three
+scripts (`add_mergan_args`, `mergan_defaults`).
 
 One speed branch, `draw_batches`, sits beside the plain form it replaces (--plain-step),
 tested equal (docs/core.md: what it saves).

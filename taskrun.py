@@ -1,10 +1,9 @@
-"""A run's safety net, kept apart from the methods and from common.py: its folder and
-args.json, checkpoints and the exact resume (every RNG state, the data's and evaluator's
-fingerprints), one-line errors (`cli`), the progress line that stops a diverging run, and
-the bookkeeping around a sequential script's task loop (`setup`, `TaskRun`). A student
-reading a method can skip this file; docs/core.md says what each guarantee covers.
-"""
+"""A run's safety net, apart from the methods: its locked folder and args.json, checkpoints
+and the exact resume (RNG states, data and evaluator fingerprints), one-line errors (`cli`),
+the progress line that stops a diverging run, and the task loop's bookkeeping (`setup`,
+`TaskRun`). A student can skip this file; docs/core.md says what each guarantee covers."""
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -26,8 +25,9 @@ class Diverged(C.UserError):
     """NaN/Inf in training: stops before the task is evaluated or saved (nothing is lost)."""
 
 
-RUN_FOLDER = None  # set by prepare_run: where an interrupted run left its checkpoint
-RUN_SCRIPT = None  # set by prepare_run: recorded in every checkpoint
+RUN_FOLDER = RUN_SCRIPT = RUN_LOCK = None  # prepare_run's: where an interrupted run left its
+# checkpoint; the script recorded in every checkpoint; the folder's descriptor, flock-ed
+CHECKPOINT = "checkpoint.pt"
 RUN_INPUTS = {}  # fingerprints of the data and evaluator the run is made of (run_inputs)
 
 
@@ -41,8 +41,9 @@ def cli(main, argv=None):
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
             raise
-        print(f"error: out of memory ({str(err).splitlines()[0][:120]}): try a smaller "
-              "--batch-size or --eval-samples (or another --device)", file=sys.stderr)
+        print(f"error: out of memory ({str(err).splitlines()[0][:120]}): try a smaller --dim "
+              "(dgm: --ngf, --ndf), --batch-size or --eval-samples, or another --device",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         saved = RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT))
@@ -120,30 +121,32 @@ def set_rng_state(state):  # rng_state's inverse
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
 def prepare_run(args, script):
-    """The run folder: with --resume the one in --out (its checkpoint returned, nothing
-    written), else a new one, never written over (an --out holding more than a stopped
-    run's args.json is refused), where args.json is written."""
-    global RUN_FOLDER, RUN_SCRIPT
-    ckpt = None
-    if args.out is None:  # a new folder of its own (atomic), even for runs started together
-        try:
-            os.makedirs("runs", exist_ok=True)
-            args.out = tempfile.mkdtemp(dir="runs", prefix=f"{script}-{args.dataset}-s"
-                                        f"{args.seed}-{datetime.now():%Y%m%d-%H%M%S}-")
-        except OSError as err:  # e.g. a read-only working directory
-            raise C.UserError(f"cannot create a run folder under ./runs ({type(err).__name__}: "
-                              f"{err.strerror or err}); pass --out to a writable place")
-    path = os.path.join(args.out, CHECKPOINT)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise C.UserError(f"--out {args.out} is a file, not a folder")
-    others = sorted(set(os.listdir(args.out)) - {"args.json"}) if os.path.isdir(args.out) else []
+    """The run folder, held with an OS lock (fcntl.flock) until the process ends, so two runs
+    never share one: with --resume the one in --out (its checkpoint returned, nothing
+    written), else a new one, never written over (an --out holding more than a stopped run
+    of this script's args.json is refused), where args.json is written, naming `script`."""
+    global RUN_FOLDER, RUN_SCRIPT, RUN_LOCK
+    ckpt, path = None, os.path.join(args.out or "", CHECKPOINT)
+    if args.resume and not os.path.exists(path):
+        raise C.UserError(f"--resume: {path} does not exist (nothing to resume)")
+    if RUN_LOCK is not None:  # an earlier run of this process (tests, demo.py): released
+        RUN_LOCK = os.close(RUN_LOCK)  # os.close returns None
+    try:  # a new folder of its own (atomic, under ./runs without --out) or --out; locked
+        os.makedirs("runs" if args.out is None else args.out, exist_ok=True)
+        args.out = args.out or tempfile.mkdtemp(dir="runs", prefix=f"{script}-{args.dataset}-s"
+                                                f"{args.seed}-{datetime.now():%Y%m%d-%H%M%S}-")
+        path, RUN_LOCK = os.path.join(args.out, CHECKPOINT), os.open(args.out, os.O_RDONLY)
+        fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise C.UserError(f"--out {args.out} is held by a running process (a run, or a Python "
+                          "session that ran one); wait for it to end or choose another --out")
+    except OSError as err:  # a file, a read-only or full file system, ...
+        why = "is a file, not a folder" if os.path.isfile(args.out or "") else (
+            f"cannot write there ({type(err).__name__}: {err.strerror or err})")
+        raise C.UserError(f"--out {args.out or './runs'}: {why}; pass --out to a writable place")
+    others = sorted(set(os.listdir(args.out)) - {"args.json"})
     if args.resume:
-        if not os.path.exists(path):
-            raise C.UserError(f"--resume: {path} does not exist (nothing to resume)")
         ckpt = load_checkpoint(path)
         if ckpt.get("script", script) != script:
             raise C.UserError(f"--resume: {args.out} is a run of {ckpt['script']}, not of "
@@ -154,20 +157,24 @@ def prepare_run(args, script):
     elif os.path.exists(path):
         raise C.UserError(f"{args.out} already holds a run; pass --resume to continue it or "
                           "choose another --out")
-    elif others:
-        raise C.UserError(f"--out {args.out} is not empty ({len(others)} entries, e.g. "
-                          f"{others[0]}); nothing is overwritten: choose another --out")
+    elif others or len(os.listdir(args.out)) and script_of(args.out) != script:
+        raise C.UserError(f"--out {args.out} is not empty ({(others or ['args.json'])[0]}, "
+                          f"no args.json of a stopped {script} run: the user's, another "
+                          "script's or an older version's); nothing is overwritten")
     RUN_FOLDER, RUN_SCRIPT = args.out, script
     RUN_INPUTS.clear()
-    if args.resume:  # args.json defines the run (parse_run_args): never rewritten
-        return args.out, ckpt
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        C.save_json(os.path.join(args.out, "args.json"), vars(args))
-    except OSError as err:  # read-only or full file system, a path through a file, ...
-        raise C.UserError(f"--out {args.out}: cannot write there ({type(err).__name__}: "
-                          f"{err.strerror or err})")
+    if not args.resume:  # with --resume, args.json defines the run (parse_run_args)
+        C.save_json(os.path.join(args.out, "args.json"), {**vars(args), "script": script})
     return args.out, ckpt
+
+
+def script_of(folder):
+    """The script named by folder/args.json (None: no such file, or not a run's)."""
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            return json.load(f).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def fingerprint(*tensors):
@@ -304,16 +311,11 @@ def setup(args, script, digits="pad", load=None):
 
 
 class TaskRun:
-    """The bookkeeping around a sequential script's task loop (the loop stays in the script):
-
-        run = R.TaskRun(args, env, "mergan-ra", {"G": G, "D": D}, generate=G)
-        for t in run.remaining_tasks():  # 0..T-1, or after the last checkpoint (--resume)
-            train_task(t, ...)           # the method
-            run.end_task(t)              # Acc of every class seen so far, grid, checkpoint
-        metrics = run.finish(paper)      # GIF, metrics.json, the table (None: --max-tasks)
-
-    `models` and `extra` (the method's plain data, joining metrics.json) are checkpointed
-    with every RNG state; `measure(seen)` -> {class: Acc %} replaces generated_accuracy."""
+    """The bookkeeping around a sequential script's task loop, which stays in the script:
+    `for t in run.remaining_tasks(): train_task(t, ...); run.end_task(t)` (Acc of every class
+    seen, grid, checkpoint), then `run.finish(paper)` (GIF, metrics.json, the table). `models`
+    and `extra` (the method's plain data, joining metrics.json) are checkpointed with every
+    RNG state; `measure(seen)` -> {class: Acc %} replaces generated_accuracy."""
 
     def __init__(self, args, env, method, models, generate, nz=128, extra=None, measure=None):
         self.args, self.env, self.method, self.models = args, env, method, models

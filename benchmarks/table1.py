@@ -84,7 +84,7 @@ FULL_TRAIN = {"mnist": (60000, 55000), "svhn": (73257,)}
 
 
 def parse_args(argv=None):
-    p = C.Parser(description=__doc__.split("\n\n")[0],
+    p = C.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="dataset of every run (Table 1: mnist "
                    "or svhn)")
@@ -277,6 +277,8 @@ def jt_iterations(args, k):
 def run_command(args, seed, name, col, resume):
     """The command line of one run (its run folder is <out>/seed<seed>/<name>)."""
     _, script, own = COLUMNS[col]
+    if col in DGM and args.dataset not in ("mnist", "fashion"):  # pad: of 28-px digits only
+        own = [a for a in own if a not in ("--to-32px", "pad")]
     cmd = [sys.executable, os.path.join(ROOT, script), *own, "--dataset", args.dataset,
            "--data-root", args.data_root, "--seed", str(seed), "--device", args.device,
            "--eval-samples", str(args.eval_samples),
@@ -333,7 +335,9 @@ def check_settings(args):
     command's settings replace it."""
     path = os.path.join(args.out, "table1-args.json")
     mine = {k: getattr(args, k) for k in EXPERIMENT}
-    started = any(re.fullmatch(r"seed\d+", d) for d in os.listdir(args.out))
+    started = any(os.path.exists(os.path.join(args.out, d, n, "args.json"))  # a run began
+                  for d in os.listdir(args.out) if re.fullmatch(r"seed\d+", d)
+                  for n in os.listdir(os.path.join(args.out, d)))
     old = None
     if os.path.exists(path):
         try:
@@ -425,12 +429,13 @@ def lock(out):
 
 def code_version():
     """The repository's commit (git describe --always --dirty: '-dirty' when files differ
-    from it), written into each run's log when the run starts or resumes; None without git."""
+    from it), written into each run's log when the run starts or resumes; without git
+    (a downloaded copy): unknown."""
     try:
         return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return "unknown"
 
 
 def codes_of(args, rid):
@@ -472,7 +477,7 @@ def run_env(args, jobs):
     cores // jobs threads (torch would give each all of them), unless OMP_NUM_THREADS is set."""
     env = dict(os.environ)
     if args.device == "cpu" and jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
     return env
 
 
@@ -741,7 +746,7 @@ def draw_gallery(args, runs, path, scale=2):
     JT's of its one task; the first seed's run). SFT draws the last class in every row."""
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default(size=13)
-    T, cell, left, top = len(args.class_list), 34 * scale, 110, 24
+    T, cell, left, top = len(args.class_list), 34 * scale, 110, 24  # cells of 32 px, scaled
     rows = []
     for name, col in runs_of(args):
         rid = next((rid for rid, _, n, _ in runs if n == name), None)
@@ -749,8 +754,9 @@ def draw_gallery(args, runs, path, scale=2):
         if col == "jt" and name != f"jt{T}" or rid is None or not os.path.exists(png):
             continue  # JT's run of every task, or a run whose grid is not kept
         grid = Image.open(png).convert("RGB")
+        s = (grid.width - 2) // 10 - 2  # image side: class_grid draws 10 a row, padding 2
         rows.append((run_label(name, col) if col != "jt" else "JT", [grid.crop(
-            (2, 2 + 34 * i, 34, 34 + 34 * i)) for i in range(T)]))  # class i's first image
+            (2, 2 + (s + 2) * i, 2 + s, 2 + s + (s + 2) * i)) for i in range(T)]))  # class i
     if not rows:
         return
     img = Image.new("RGB", (left + cell * T + 6, top + cell * len(rows) + 6), "white")
@@ -906,6 +912,8 @@ def rebuild(folder, check=False):
     except (OSError, ValueError) as err:
         raise C.UserError(f"--report {folder}: no readable table1-args.json ({err})") from None
     seeds = sorted(int(d[4:]) for d in os.listdir(folder) if re.fullmatch(r"seed\d+", d))
+    if not seeds:
+        raise C.UserError(f"--report {folder}: no seed<k> folder of runs in it")
     argv = ["--out", folder, "--device", "cpu", "--seeds", ",".join(map(str, seeds)),
             "--columns", ",".join(c for c in COLUMNS if any(  # the columns with a run folder
                 os.path.isdir(os.path.join(folder, f"seed{s}", c)) or c == "jt" and any(
@@ -915,22 +923,25 @@ def rebuild(folder, check=False):
         if saved.get(k) is not None:
             argv.append(f"--{k.replace('_', '-')}={saved[k]}")
     args = parse_args(argv + (["--check"] if check else []))
+    try:
+        with open(os.path.join(folder, "table1.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    args.n_train = old.get("n_train")  # the training set's size, known to the first report
     refuse_check(args)
     results = {rid: read_metrics(os.path.join(folder, rid)) for rid, *_ in all_runs(args)}
     results = {r: m for r, m in results.items() if m and state(os.path.join(folder, r)) == "done"}
     if not results:
         raise C.UserError(f"--report {folder}: no finished run in it")
-    try:
-        with open(os.path.join(folder, "table1.json")) as f:
-            device_name = json.load(f)["device"]
-    except (OSError, ValueError, KeyError):
-        device_name = next(iter(results.values())).get("device", "unknown")
+    device_name = old.get("device") or next(iter(results.values())).get("device", "unknown")
     print(report(args, results, device_name), flush=True)
     return results
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [w for a in (sys.argv[1:] if argv is None else argv)  # --report=F: --report F
+            for w in (a.split("=", 1) if a.startswith("--report=") else [a])]
     if "--report" in argv:  # --report FOLDER [--check]: nothing else is read
         rest = [a for a in argv if a not in ("--report", "--check")]
         if len(rest) != 1 or argv.index("--report") + 1 >= len(argv):
@@ -944,15 +955,16 @@ def main(argv=None):
     args.device = device.type
     device_name = (f"cuda ({__import__('torch').cuda.get_device_name(0)})"
                    if device.type == "cuda" else "cpu")
-    if os.path.exists(args.out) and not (
-            os.path.isdir(args.out) and (not os.listdir(args.out) or os.path.exists(
-                os.path.join(args.out, "table1-args.json")))):
+    if os.path.exists(args.out) and not (  # empty but for a lock, or a table's
+            os.path.isdir(args.out) and (not set(os.listdir(args.out)) - {"table1.lock"}
+                                         or os.path.exists(os.path.join(args.out,
+                                                                        "table1-args.json")))):
         raise C.UserError(f"--out {args.out} is not a table's folder (a file, or a folder "
                           "of other files without table1-args.json); choose another --out")
     try:
         os.makedirs(args.out, exist_ok=True)
+        lock(args.out)  # first: a second command never touches a running table's settings
         check_settings(args)
-        lock(args.out)
     except OSError as err:
         raise C.UserError(f"--out {args.out}: cannot write there ({err.strerror or err}); "
                           "choose another --out") from None

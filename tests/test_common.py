@@ -3,6 +3,7 @@
 Everything here runs offline on data the code generates itself.
 """
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -453,6 +454,47 @@ def test_run_folders_never_overwrite_and_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     outs = {R.prepare_run(_args(tmp_path, out=None), "test")[0] for _ in range(3)}
     assert len(outs) == 3 and all(os.path.isdir(o) for o in outs)
+
+
+def test_one_run_per_folder_and_only_a_stopped_run_of_the_same_script(tmp_path):
+    """Issue 37: a second run on a folder in use is refused in one line (an OS lock held for
+    the whole run), and the first run's files are its own; an args.json that no run of this
+    script wrote (the user's, another script's) is never overwritten."""
+    import fcntl
+    import time
+    out = tmp_path / "x"
+    argv = [sys.executable, "mergan_jtr.py", "--mode", "sft", "--dataset", "synth",
+            "--data-root", str(tmp_path / "data"), "--classes", "0,1", "--iters", "400",
+            "--dim", "8", "--eval-samples", "10", "--device", "cpu", "--out", str(out)]
+    first = subprocess.Popen(argv + ["--seed", "5"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):  # until it has written args.json (in task 1 soon after)
+            if (out / "args.json").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        second = subprocess.run(argv + ["--seed", "6"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+        assert "held by a running process" in second.stderr, second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["seed"] == 5 and saved["script"] == "mergan_sft"
+    # in-process: a folder another descriptor holds is refused; released, it is taken
+    held = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(C.UserError, match="held by a running process"):
+        R.prepare_run(_args(tmp_path, out=str(tmp_path)), "test")
+    os.close(held)
+    for name, text in (("mine", '{"lr": 0.1}'), ("dgr", '{"script": "dgr", "seed": 0}'),
+                       ("bad", "[1, 2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "args.json").write_text(text)
+        with pytest.raises(C.UserError, match="no args.json of a stopped test run"):
+            R.prepare_run(_args(tmp_path, out=str(tmp_path / name)), "test")
+        assert (tmp_path / name / "args.json").read_text() == text
 
 
 def test_run_folder_checkpoint_and_resume_rules(tmp_path):
@@ -1128,7 +1170,7 @@ def test_what_once_ended_in_a_traceback_is_one_line(tmp_path, image_folder, caps
         R.cli(oom, [])
     assert e.value.code == 2
     assert "out of memory (CUDA out of memory. Tried to allocate 9.00 GiB): try a smaller " \
-           "--batch-size" in capsys.readouterr().err
+           "--dim (dgm: --ngf, --ndf), --batch-size" in capsys.readouterr().err
 
     def bug(argv):
         raise RuntimeError("a bug, not the user's")

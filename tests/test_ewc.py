@@ -389,6 +389,17 @@ def test_fewshot_end_to_end_and_resume(tmp_path, data_root):
     assert "[adapt" not in r2.stdout
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["results"] == m["results"]
+    # killed during the first adaptation: the last checkpoint is the one after the Fisher
+    # stage (no row measured yet); resumed, every row is the uninterrupted run's
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck.update(results={}, adapted={}, frames={})
+    torch.save(ck, out / "checkpoint.pt")
+    r2 = run_script(*flags, "--out", str(out), "--resume")
+    assert r2.returncode == 0, r2.stderr
+    m3 = json.loads((out / "metrics.json").read_text())
+    assert {k: {n: v for n, v in row.items() if n != "seconds"}
+            for k, row in m3["results"].items()} == {
+        k: {n: v for n, v in row.items() if n != "seconds"} for k, row in m["results"].items()}
 
     # Section 3.1's setting: a new run from the source checkpoint, adapted to the whole
     # target training set; no diversity (there are no few shots to cluster around)

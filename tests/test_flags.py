@@ -33,6 +33,8 @@ UNREAD = [  # (script, argv, the flag refused, the condition it names)
      "--final-metrics"),
     (dgm, ["--replay", "none", "--replay-size", "5"], "--replay-size", "--replay generated"),
     (dgm, ["--val-split", "0", "--val-every", "5"], "--val-every", "--val-split"),
+    (dgm, ["--to-32px", "pad"], "--to-32px", "28-px digits"),  # synth is 32 px
+    (dgr, ["--inception-fid"], "--inception-fid", "--final-metrics"),
     (ewc_fewshot, ["--shots", "all", "--diversity-cap", "7"], "--diversity-cap", "--shots"),
     (ewc_fewshot, ["--shots", "all", "--diversity-samples", "70"], "--diversity-samples",
      "--shots"),
@@ -60,6 +62,8 @@ def test_the_same_flags_where_they_are_read_are_accepted():
     assert mergan_ra.parse_args(["--lambda-cls", "7"]).lambda_cls == 7
     assert mergan_ra.parse_args(["--dataset", "lsun", "--inception-fid"]).inception_fid
     assert dgm.parse_args(["--replay-size", "5", "--val-every", "5"]).replay_size == 5
+    assert dgm.parse_args(["--dataset", "fashion", "--to-32px", "pad"]).to_32px == "pad"
+    assert dgr.parse_args(["--dataset", "lsun", "--inception-fid"]).inception_fid
     few = ewc_fewshot.parse_args(["--diversity-cap", "7", "--source-iters", "7"])
     assert (few.diversity_cap, few.source_iters) == (7, 7)
 

@@ -353,12 +353,10 @@ def test_report_of_partial_seeds_and_lsuns_table_2(tmp_path):
     assert "| Acc after 2 tasks, ours | 91.00 ± — (n=1) | 81.50 ± 0.71 (n=2) |" in md, md
     assert "| iterations per task (JT: of its one task) | 40 (2 classes) | 5 |" in md
     assert "| forgetting (avg, points) | — (one task) | 1.50 ± 0.71 (n=2) |" in md
-    lsun = table1.parse_args(["--dataset", "lsun", "--columns", "sft,jtr", "--out",
-                              str(tmp_path / "l")])
-    os.makedirs(lsun.out)
     tasks = [[0], [1], [2], [3]]
     lsun = table1.parse_args(["--dataset", "lsun", "--columns", "sft,dgr,jtr", "--out",
                               str(tmp_path / "l")])
+    os.makedirs(lsun.out)
     md = table1.report(lsun, {"seed0/sft": fake_metrics(0, tasks, 20.0),
                               "seed0/dgr": fake_metrics(0, tasks, 20.0),
                               "seed0/jtr": fake_metrics(0, tasks, 70.0)}, "cpu")
@@ -405,6 +403,9 @@ def test_teaching_budget_sets_defaults_that_explicit_flags_override():
     assert jt[jt.index("--iters") + 1] == "2000"
     dgm = table1.run_command(args, 0, "dgmw", "dgmw", False)
     assert "--iters" not in dgm and "--dim" not in dgm  # the authors' epochs and widths
+    assert dgm[dgm.index("--to-32px") + 1] == "pad"  # MeRGAN's padded digits, one evaluator
+    synth = table1.parse_args(["--dataset", "synth", "--out", "/nonexistent/t"])
+    assert "--to-32px" not in table1.run_command(synth, 0, "dgma", "dgma", False)  # 32 px
     args = table1.parse_args(base + ["--budget", "teaching", "--iters", "100", "--eval-samples",
                                      "64", "--mergan-args", "--dim 32"])
     a = mergan_jtr.parse_args(table1.run_command(args, 0, "ra", "sft", False)[2:])
@@ -421,7 +422,7 @@ def test_runs_share_the_cpu_one_thread_each_unless_the_user_says():
     args = table1.parse_args(["--dataset", "mnist", "--device", "cpu", "--out", "/x/t"])
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     try:
         saved, os.environ = os.environ, env
         assert table1.run_env(args, 2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
@@ -432,20 +433,21 @@ def test_runs_share_the_cpu_one_thread_each_unless_the_user_says():
         os.environ = saved
 
 
-def grid_of_classes(classes, shade):
+def grid_of_classes(classes, shade, size=32):
     """A run's samples_task<T>.png as common.class_grid draws it: one row per class, ten
     images; here every image of class c is the flat grey shade[c]."""
     import torch
     sys.path.insert(0, ROOT)
     import common as C
-    x = torch.cat([torch.full((10, 1, 32, 32), shade[c] * 2 - 1) for c in classes])
+    x = torch.cat([torch.full((10, 1, size, size), shade[c] * 2 - 1) for c in classes])
     return C.image_grid(x, nrow=10)
 
 
 def test_report_rebuilds_a_committed_table_with_its_commits_and_gallery(tmp_path):
     """--report FOLDER: the table again from the small files a results folder keeps (no
     checkpoint, nothing run); the commit each run was started at, from its log; the gallery
-    holds, per column, the image of each class after the last task, from the right cell."""
+    holds, per column, the image of each class after the last task, from the right cell
+    whatever the image size (seed 0: 64 px)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import table1
     out = tmp_path / "committed"
@@ -458,7 +460,7 @@ def test_report_rebuilds_a_committed_table_with_its_commits_and_gallery(tmp_path
         run = out / f"seed{s}" / "sft"
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps(fake_metrics(s, [[0], [1]], 80.0)))
-        imageio.imwrite(run / "samples_task2.png", grid_of_classes([0, 1], shade))
+        imageio.imwrite(run / "samples_task2.png", grid_of_classes([0, 1], shade, 64 - 48 * s))
         (out / f"seed{s}" / "sft.log").write_text("# code abc123\n$ python ...\n")
     res = subprocess.run([sys.executable, TABLE, "--report", str(out)], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
@@ -478,6 +480,12 @@ def test_report_rebuilds_a_committed_table_with_its_commits_and_gallery(tmp_path
     res = subprocess.run([sys.executable, TABLE, "--report", str(out)], capture_output=True,
                          text=True, cwd=ROOT, timeout=300)
     assert "runs are at several commits" in (out / "table1.md").read_text()
+    again = subprocess.run([sys.executable, TABLE, f"--report={out}"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and "runs are at several commits" in again.stdout
+    abbrev = subprocess.run([sys.executable, TABLE, "--rep", str(out)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)  # never a table run instead
+    assert abbrev.returncode == 2 and "unrecognized arguments" in abbrev.stderr
     bad = subprocess.run([sys.executable, TABLE, "--report", str(tmp_path / "none")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "no readable table1-args.json" in bad.stderr
@@ -510,10 +518,12 @@ def test_table_misuse_ends_in_one_line_or_the_right_behaviour(tmp_path):
                               "--out", "/x/t"])
     assert table1.jt_iterations(args, 5) == 7
     # a truncated table1-args.json of a table that has runs: one line, no JSONDecodeError
-    os.makedirs(os.path.join(out, "seed0"))
+    os.makedirs(out)
     with open(os.path.join(out, "table1-args.json"), "w") as f:
         f.write('{"dataset": "mn')
-    one_line("--dataset", "synth", "--classes", "0,1", "--out", out, match="table1-args.json")
+    os.makedirs(os.path.join(out, "seed0", "sft"))
+    open(os.path.join(out, "seed0", "sft", "args.json"), "w").write("{}")  # a run began
+    one_line("--dataset", "synth", "--classes", "0,1", "--out", out, match="not readable JSON")
     # a table that never started a run (it failed before any, e.g. on missing data) takes
     # the corrected command's settings instead of refusing them
     empty = tmp_path / "e"
@@ -523,9 +533,11 @@ def test_table_misuse_ends_in_one_line_or_the_right_behaviour(tmp_path):
     fixed = table1.parse_args(["--dataset", "mnist", "--iters", "6", "--out", str(empty)])
     table1.check_settings(fixed)
     assert json.load(open(empty / "table1-args.json"))["iters"] == 6
-    os.makedirs(empty / "seed0" / "sft")  # once a run has started, the settings are kept
+    os.makedirs(empty / "seed0" / "sft")  # a run launched that died in argparse: not begun
+    table1.check_settings(first)
+    (empty / "seed0" / "sft" / "args.json").write_text("{}")  # begun: settings are kept
     with pytest.raises(C.UserError, match="other settings"):
-        table1.check_settings(first)
+        table1.check_settings(fixed)
     # an --out that cannot be written (read-only to every user, root included): one line
     one_line("--dataset", "synth", "--classes", "0,1", "--out", "/proc/no/t",
              match="cannot write there")
