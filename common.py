@@ -1,9 +1,6 @@
-"""What every script stands on, in five sections (docs/core.md): errors and the command
-line, datasets, WGAN-GP and CUDA graphs, metrics, files. No paper's algorithm lives here;
-a run's folder, checkpoints and task-loop bookkeeping are in taskrun.py. Images are float
-tensors in [-1, 1], NCHW; datasets are held as uint8 tensors on the compute device and
-converted per minibatch; labels keep the dataset's own class ids.
-"""
+"""What every script stands on, in five sections (docs/core.md); no paper's algorithm (a run's
+folder, checkpoints, task loop: taskrun.py). Images are float NCHW tensors in [-1, 1]; datasets
+are held as uint8 on the device, converted per minibatch; labels: the dataset's own class ids."""
 import argparse
 import contextlib
 import errno
@@ -28,8 +25,16 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing data, corrupt file): one line, exit 2."""
 
 
+class WriteError(UserError):
+    """A file could not be written (atomic_write); `cli` says how to go on."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, whose mistakes are a UserError: one line (`cli`), not the usage block."""
+    """argparse whose mistakes are a one-line UserError (`cli`); -1e-3 is a value, not a flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")  # argparse's misses -1e-3
 
     def error(self, message):
         raise UserError(message)
@@ -92,8 +97,7 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
                    "-s<seed>-<time>-<random>)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     g.add_argument("--seed", type=seed, default=0, help="seed for python, numpy and torch")
-    g.add_argument("--iters", type=at_least(1), default=iters,
-                   help="generator iterations per task")
+    g.add_argument("--iters", type=at_least(1), default=iters, help="generator iterations per task")
     g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="minibatch size")
     g.add_argument("--classes", default=None,
                    help="classes in task order, e.g. 0,1,2 (default: all, 0..n-1)")
@@ -112,8 +116,7 @@ def add_common_args(parser, iters, batch_size=64, eval_samples=6400):
 
 
 def task_split(classes_arg, n_classes, per_task):
-    """--classes / --classes-per-task as a list of tasks, each a list of class ids. The
-    papers' protocol is the default: one class per task, in the order 0, 1, ..., 9."""
+    """Tasks (lists of class ids) of --classes, --classes-per-task (the papers': [0], [1], ...)."""
     try:
         classes = (list(range(n_classes)) if classes_arg is None else
                    [int(c) for c in str(classes_arg).split(",") if c.strip() != ""])
@@ -134,8 +137,7 @@ def task_split(classes_arg, n_classes, per_task):
 DIGIT_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                "t10k-labels-idx1-ubyte")
 DATASETS = {
-    "mnist": (1, 10, "MNIST/raw", DIGIT_FILES),
-    "fashion": (1, 10, "FashionMNIST/raw", DIGIT_FILES),
+    "mnist": (1, 10, "MNIST/raw", DIGIT_FILES), "fashion": (1, 10, "FashionMNIST/raw", DIGIT_FILES),
     "svhn": (3, 10, "", "train_32x32.mat, test_32x32.mat"),
     "cifar10": (3, 10, "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
     "folder": (3, None, "", "one sub-folder of images per class, or train/ and test/ of them"),
@@ -159,11 +161,10 @@ def to_float(x):
 
 def load_dataset(name, root="./data", train=True, image_size=None, download=True,
                  digits="pad", mnist_train=60000):
-    """(images uint8 N x C x S x S, labels int64 N, class names), on the CPU, read by
-    torchvision (never downloaded again). 28x28 digits become 32x32 by `digits`: "pad" (a
-    zero border, the MeRGAN authors') or "resize" (bilinear, the DGM authors').
-    mnist_train=55000: MNIST's training set as TF's input_data serves it to the MeRGAN
-    authors (images 5,000..59,999; the first 5,000 are its validation set)."""
+    """(images uint8 N x C x S x S, labels int64 N, class names), on the CPU, read by torchvision
+    (never downloaded again). 28x28 digits become 32x32 by `digits`: "pad" (a zero border, the
+    MeRGAN authors') or "resize" (bilinear, the DGM authors'). mnist_train=55000: the MeRGAN
+    authors' TF split (images 5,000..59,999; the rest is TF's validation set)."""
     _, _, subdir, expected = dataset_info(name)
     if root and os.path.isfile(root):
         raise UserError(f"--data-root {root} is a file; {name} needs a folder ("
@@ -236,14 +237,12 @@ def resize(x, size):
     form of PIL's bilinear filter (torchvision's Resize on PIL images), rounded to uint8."""
     if size is None or x.shape[-1] == size:
         return x
-    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
-                        align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
 
 
 class TaskData:
-    """A dataset held on the device as uint8; `batch(n, classes)` draws n images of the given
-    classes there, with replacement, in [-1, 1]."""
+    """uint8 data on the device; `batch(n, classes)` draws n images of them (with replacement)."""
 
     def __init__(self, x, y, device):
         self.x, self.y, self.device = x.to(device), y.to(device), device
@@ -290,13 +289,11 @@ def generate_class(generate, c, n, nz, device, batch=64):
                       for m in [min(batch, n - i) for i in range(0, n, batch)]])
 
 
-# Speed on a GPU: one training iteration recorded in a CUDA graph and replayed
 def add_cuda_graph_arg(parser):
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                        help="on CUDA, record one training iteration in a CUDA graph and "
-                             "replay it (GraphedStep). Off by default, and always on the CPU: "
-                             "the eager loop, until benchmarks/gpu_check.sh has passed on a "
-                             "GPU")
+                        help="on CUDA, record one training iteration in a CUDA graph and replay "
+                        "it (GraphedStep). Off by default, and always on the CPU: the eager "
+                        "loop, until benchmarks/gpu_check.sh has passed on a GPU")
 
 
 def use_cuda_graphs(args, device):
@@ -311,11 +308,10 @@ def adam(module, lr, betas):
 
 
 class GraphedStep:
-    """One training iteration `step()` (losses returned as tensors) run as written (enabled
-    False: the eager loop) or, on CUDA, recorded once into a CUDA graph and replayed: the
-    same arithmetic and random numbers, one launch instead of hundreds. The first `warmup`
-    calls run eagerly on a side stream; a replay overwrites the losses returned before. A
-    new one per task (the step's Python side changes)."""
+    """One training iteration `step()` (returning loss tensors) run eagerly (enabled False) or, on
+    CUDA, recorded once into a CUDA graph and replayed: the same arithmetic and random numbers, one
+    launch instead of hundreds. The first `warmup` calls run eagerly on a side stream; a replay
+    overwrites the losses returned before. A new one per task (the step's Python side changes)."""
 
     def __init__(self, step, enabled, warmup=3):
         self.step, self.enabled, self.warmup = step, enabled, warmup
@@ -353,10 +349,9 @@ class GraphedStep:
 
 # -- 4. Metrics ----------------------------------------------------------------------------
 def make_classifier(arch, channels, n_classes, width=32):
-    """A classifier as body (its features, the penultimate layer) then head (the logits).
-    ours: 3 conv blocks and a 8*width-d feature layer, the evaluator of every script;
-    authors (--evaluator authors): MeRGAN's own, an MLP for grey images, a 7-conv net for
-    colour ones (pooling layers that are the identity at 32 px let other sizes through)."""
+    """A classifier: body (the penultimate features), then head (the logits). ours: 3 conv blocks
+    and a 8*width-d feature layer, every script's evaluator; authors: MeRGAN's own, an MLP for grey
+    images, a 7-conv net for colour ones (pooling, the identity at 32 px, lets other sizes in)."""
     relu, w = nn.ReLU, width
     if arch == "ours":
         body = [nn.Conv2d(channels, w, 3, padding=1), relu(), nn.MaxPool2d(2),
@@ -377,8 +372,7 @@ def make_classifier(arch, channels, n_classes, width=32):
             body.append(nn.MaxPool2d(2))
         body += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128 * 16, 512), relu(),
                  nn.Linear(512, 128), relu()]
-    return nn.Sequential(OrderedDict(body=nn.Sequential(*body),
-                                     head=nn.Linear(feat, n_classes)))
+    return nn.Sequential(OrderedDict(body=nn.Sequential(*body), head=nn.Linear(feat, n_classes)))
 
 
 def train_classifier(x, y, n_classes, device, steps=1500, width=32, batch=128, lr=1e-3,
@@ -418,6 +412,7 @@ def accuracy(model, x, y):
 
 
 EVALUATOR_VERSION = 1  # bump when make_classifier or train_classifier changes: old caches retrain
+ACC_CHUNK = 64000  # generated images held at once (a multiple of 64 and of classify's 1000)
 
 
 def classifier_budget(dataset, n):
@@ -429,9 +424,9 @@ def classifier_budget(dataset, n):
 
 
 def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
-    """(evaluator, its real test accuracy %): trained once on the real training set, cached
-    as <data-root>/evaluators/<dataset>-<size>px<prep>-n<images>[-authors]-v<version>.pt
-    (`folder`: <folder>-evaluators/); a cache whose recorded key differs is retrained."""
+    """(evaluator, its real test accuracy %): trained once on the real training set, cached as
+    <data-root>/evaluators/<dataset>-<size>px<prep>-n<images>[-authors]-v<version>.pt (`folder`:
+    <folder>-evaluators/; a read-only root: the user's cache); one of another key is retrained."""
     name, folder = args.dataset, os.path.join(args.data_root, "evaluators")
     if args.dataset == "folder":
         root = os.path.abspath(args.data_root)
@@ -440,11 +435,19 @@ def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
     width, steps = classifier_budget(args.dataset, len(train.y))
     path = os.path.join(folder, f"{name}-{train.x.shape[-1]}px{prep}-n{len(train.y)}"
                         + ("-authors" if arch == "authors" else "") + f"-v{EVALUATOR_VERSION}.pt")
+    if not os.path.exists(path):  # decided before training: a data root that cannot take
+        with contextlib.suppress(OSError):  # a new cache (read-only) -> the user's cache
+            os.makedirs(folder, exist_ok=True)
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            cache = os.path.join(os.path.dirname(torch.hub.get_dir()), "cl-gans-evaluators")
+            log(f"evaluator: {folder} is not writable; cached in {cache} (under $TORCH_HOME)")
+            folder, path = cache, os.path.join(cache, os.path.basename(path))
+            with contextlib.suppress(OSError):  # else atomic_save's one line, later
+                os.makedirs(folder, exist_ok=True)
     key = {"dataset": name, "n_train": len(train.y), "n_test": len(test.y), "prep": prep,
            "n_classes": n_classes, "version": EVALUATOR_VERSION, "width": width,
            "steps": steps, "arch": arch}
-    # Ours draws its initial weights from the caller's stream, loaded or trained alike; the
-    # authors' net is built on a side stream: the judge never changes what it judges.
+    # same RNG draws whatever the cache or --evaluator: the judge never changes what it judges
     model = make_classifier("ours", train.x.shape[1], n_classes, width).to(device)
     if arch != "ours":
         with torch.random.fork_rng(devices=[]):
@@ -466,18 +469,13 @@ def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
                              width=width, log=log, arch=arch)
     acc = accuracy(model, to_float(test.x), test.y)
     log(f"evaluator: real test accuracy {acc:.2f}% ({steps} steps, {time.time() - t0:.0f}s)")
-    os.makedirs(folder, exist_ok=True)
     atomic_save({"key": key, "model": model.state_dict(), "test_acc": acc}, path)
     return model, acc
 
 
-ACC_CHUNK = 64000  # generated images held at once (a multiple of 64 and of classify's 1000)
-
-
 @torch.no_grad()
 def generated_accuracy(generate, evaluator, classes, n, nz, device, batch=64):
-    """MeRGAN's Acc: for each class, the evaluator's accuracy (%) on n images generated
-    with that label (single-class batches). Returns {class: accuracy}."""
+    """MeRGAN's Acc, {class: the evaluator's accuracy (%) on n generated images of that class}."""
     out = {}
     for c in classes:
         hits = []
@@ -512,16 +510,18 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as err:  # torch.save on a full disk: "unexpected pos"
         if isinstance(err, RuntimeError) and not re.search("write|unexpected pos", str(err)):
             raise
-        free = ""
+        mib = math.inf
         with contextlib.suppress(OSError):
             os.remove(tmp)
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
-            free = f"; {free:.0f} MiB free there"
-        full = isinstance(err, RuntimeError) or err.errno in (errno.ENOSPC, errno.EDQUOT)
+            mib = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        code = getattr(err, "errno", None)  # torch.save's RuntimeError: guess from the room
+        full = code in (errno.ENOSPC, errno.EDQUOT) or code is None and mib < 1024
+        limit = code == errno.EFBIG or code is None and not full  # ulimit -f
         why = str(err).splitlines()[0][:80]
-        raise UserError(f"cannot write {path} ({type(err).__name__}: {why}){free}"
-                        f"{' (a full disk?)' if full else ''}: the last good files are kept; "
-                        "fix it, then --resume")
+        raise WriteError(f"cannot write {path} ({type(err).__name__}: {why})"
+                         + (f"; {mib:.0f} MiB free there" if mib < math.inf else "")
+                         + (" (a full disk?)" if full else " (a file-size limit?)" if limit
+                            else "") + ": the last good files are kept")
 
 
 def save_json(path, obj):

@@ -113,7 +113,7 @@ def parse_args(argv=None):
                    help="28x28 digits (mnist, fashion) to 32x32: resize (bilinear, the DGM "
                         "authors') or pad (zero border, MeRGAN's)")
     C.add_cuda_graph_arg(p)  # --cuda-graphs / --no-cuda-graphs (default)
-    args = R.parse_run_args(p, argv, run_flags=("cuda_graphs",))
+    args = R.parse_run_args(p, argv, run_flags=("cuda_graphs",), script="dgm")
     if args.dataset == "folder" and args.image_size is None:
         args.image_size = 32  # the authors' ImageNet-50 run is at 32x32
     key = (BORROW.get(args.dataset, args.dataset), args.variant)

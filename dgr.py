@@ -52,7 +52,7 @@ def parse_args(argv=None):
                         "calls c (0 if none); budget, the evaluator-confirmed images the solver "
                         "calls c out of --eval-samples, its share of the budget (docs/dgr.md)")
     M.add_mergan_args(p)  # MeRGAN's WGAN-GP settings, nets (LSUN: the ResNets), Table 2
-    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS, script="dgr")
     M.mergan_defaults(args)  # arch, dim, iters (train.sh), Table 2's metrics per dataset
     R.refuse_unread(p, argv, {"inception_fid": (args.final_metrics, "with --final-metrics")})
     return args

@@ -100,7 +100,8 @@ def parse_args(argv=None):
     e.add_argument("--diversity-cap", type=int, default=50, help="at most this many random "
                    "members per cluster enter the diversity (CDC: 50; 0 = every member)")
     e.add_argument("--inception-fid", action="store_true", help="also torchvision's Inception FID")
-    args = R.parse_run_args(p, argv, run_flags=("source_root", "target_root", "inception_fid"))
+    args = R.parse_run_args(p, argv, ("source_root", "target_root", "inception_fid"),
+                            "ewc_fewshot")
     try:
         args.lambdas = ([float(v) for v in args.ewc_lambda.split(",") if v.strip()]
                         if args.ewc_lambda is not None else [0.0, DEFAULT_LAMBDA])
@@ -284,8 +285,8 @@ def load_domain(name, root, train, size, channels, download):
         y, names = torch.zeros(len(x), dtype=torch.long), [os.path.basename(root.rstrip("/"))]
     else:
         x, y, names = C.load_dataset(name, root, train, size, download)
-    if len(x) == 0:
-        raise C.UserError(f"{name}: no images found in {root}")
+    if len(x) < 2:  # one image has no covariance: the FD (frechet.py) needs two
+        raise C.UserError(f"{name}: {len(x)} image(s) in {root}; the measures need at least 2")
     if channels == 3 and x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     elif channels == 1 and x.shape[1] == 3:
@@ -628,7 +629,7 @@ def main(argv=None):
     if ckpt is not None and ckpt.get("format") != STATE_FORMAT:
         raise C.UserError(f"--resume: {out} was written by an older ewc_fewshot.py (other "
                           f"metrics); start a new run, e.g. with --source-ckpt {out}/source.pt")
-    state = ckpt or {"args": vars(args), "adapted": {}, "results": {}, "seconds": {},
+    state = ckpt or {"args": dict(vars(args)), "adapted": {}, "results": {}, "seconds": {},
                      "format": STATE_FORMAT}
     t_start, download = time.time(), not args.no_download
     # The target, its K shots (the run's channels and size are the target's), the source

@@ -83,7 +83,7 @@ def parse_args(argv=None):
                    help="--mode ewc: generated images whose squared per-sample gradients are "
                         "averaged into the Fisher information after each task")
     M.add_mergan_args(p)  # the flags both MeRGAN scripts share
-    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS, script="mergan_")
     if args.iters is None and args.mode == "jt":  # JT, one task (joint.py): 40001, SVHN 80001
         args.iters = {"svhn": 80001, "synth-color": 80001}.get(args.dataset, 40001)
     M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset

@@ -1,15 +1,7 @@
-"""What MeRGAN's scripts share (`mergan_jtr.py`, `mergan_ra.py`, `dgr.py` without classes):
-flags and the digit networks of Table 1. Table 2's LSUN nets, data and measures are in
-mergan_lsun.py, imported only when asked for.
-
-Paper: C. Wu et al., "Memory Replay GANs", NeurIPS 2018 (docs/mergan.md). The authors' nets:
-a DCGAN generator with conditional batch norm (`Generator`) and a WGAN-GP critic with an
-auxiliary classifier head (`Critic`); the flags and data-dependent defaults of the three
-scripts (`add_mergan_args`, `mergan_defaults`).
-
-One speed branch, `draw_batches`, sits beside the plain form it replaces (--plain-step),
-tested equal (docs/core.md: what it saves).
-"""
+"""What MeRGAN's scripts share (`mergan_jtr.py`, `mergan_ra.py`, `dgr.py` without classes): flags,
+data-dependent defaults, Table 1's digit nets (C. Wu et al., "Memory Replay GANs", NeurIPS 2018;
+docs/mergan.md); Table 2's are in mergan_lsun.py, imported when asked for. The speed branch
+`draw_batches` (plain form: --plain-step) is tested equal (docs/core.md)."""
 import argparse
 import math
 
@@ -21,8 +13,7 @@ import common as C
 
 
 def add_mergan_args(p):
-    """The flags the MeRGAN scripts and dgr.py share (the paper's WGAN-GP settings, the
-    networks, Table 2's report, the speed branch); each script adds its method's own."""
+    """The flags the MeRGAN scripts and dgr.py share; each script adds its method's own."""
     p.add_argument("--lambda-gp", type=C.non_negative, default=10.0,
                    help="gradient-penalty weight in Eq. (5) (paper: 10)")
     p.add_argument("--critic-iters", type=C.at_least(1), default=5,
@@ -32,15 +23,13 @@ def add_mergan_args(p):
     p.add_argument("--dim", type=C.at_least(1), default=None,
                    help="width of generator and critic (paper: 32 for dcgan, 64 for resnet)")
     p.add_argument("--arch", default="auto", choices=["auto", "dcgan", "resnet"],
-                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 "
-                        "LSUN nets (Table 2); auto: resnet for 64x64 images, else dcgan")
+                   help="networks: dcgan = the digit nets (Table 1), resnet = the 64x64 LSUN "
+                   "nets (Table 2); auto: resnet for 64x64 images, else dcgan")
     p.add_argument("--final-metrics", action=argparse.BooleanOptionalAction, default=None,
-                   help="after the last task also report Table 2's Rev acc and the "
-                        "Frechet distance of generated to real test images (default: on "
-                        "for lsun)")
-    p.add_argument("--inception-fid", action="store_true",
-                   help="with --final-metrics, also Inception FID (needs torchvision's "
-                        "Inception-v3 weights, downloaded once)")
+                   help="after the last task also report Table 2's Rev acc and the Frechet "
+                   "distance of generated to real test images (default: on for lsun)")
+    p.add_argument("--inception-fid", action="store_true", help="with --final-metrics, also "
+                   "Inception FID (needs torchvision's Inception-v3 weights, downloaded once)")
     p.add_argument("--plain-step", action="store_true", help="draw the fakes with one "
                    "generator call per critic step (draw_batches' plain form): the same "
                    "images to float rounding, more kernel launches on a GPU")
@@ -51,9 +40,8 @@ RUN_FLAGS = ("cuda_graphs", "final_metrics", "inception_fid")  # may change on -
 
 
 def mergan_defaults(args):
-    """Defaults that depend on the data (the authors' train.sh and code): the 64x64 ResNet
-    for 64x64 images, else the digit DCGAN; iterations per task MNIST 4001, SVHN 8001, LSUN
-    20001; REDUCE_BATCH on for the digit nets; Table 2's metrics on for lsun."""
+    """Data-dependent defaults, as the authors' train.sh and code: the ResNet for 64x64 images, else
+    the digit DCGAN; authors_iters; REDUCE_BATCH for the digit nets; Table 2's metrics for lsun."""
     size = args.image_size or (64 if args.dataset in ("folder", "lsun") else 32)
     if args.arch == "auto":
         args.arch = "resnet" if size == 64 else "dcgan"
@@ -63,8 +51,7 @@ def mergan_defaults(args):
         args.iters = authors_iters(args.dataset)
     if args.final_metrics is None:
         args.final_metrics = args.dataset == "lsun"
-    if getattr(args, "reduce_batch", 0) is None:  # the authors: on for mnist/svhn, off for
-        # lsun (dgr.py has no per-class batches, so no such flag)
+    if getattr(args, "reduce_batch", 0) is None:  # dgr.py: no per-class batches, no flag
         args.reduce_batch = args.arch == "dcgan"
 
 
@@ -74,15 +61,12 @@ def authors_iters(dataset):
 
 
 class CondBatchNorm2d(nn.Module):
-    """Batch norm with a per-class scale and offset (conditional BN). As the authors' TF
-    code (tflib `cond_batchnorm`), it ALWAYS normalises with batch statistics, in training,
-    replay and generation (no running averages: `.eval()` changes nothing). The authors give
-    every replay and evaluation batch one class; here the statistics are per class within
-    the batch: that protocol in one call. n_classes=None: plain BN. per_class_affine=False:
-    per-class statistics, one shared scale and offset (the authors' LSUN generator).
-    groups, n_groups: which rows share statistics, when not the rows of one class (group ids
-    in [0, n_groups)); JT (--mode jt) normalises its mixed batches as one, as joint.py does.
-    """
+    """Conditional BN: batch norm with a per-class scale and offset. As the authors' TF code (tflib
+    `cond_batchnorm`), it ALWAYS normalises with batch statistics (no running averages: `.eval()`
+    changes nothing). The authors give each replay and evaluation batch one class; here statistics
+    are per class within a batch, that protocol in one call. n_classes=None: plain BN;
+    per_class_affine=False: one shared scale and offset (the authors' LSUN generator). groups,
+    n_groups: other rows that share statistics (JT's mixed batches as one, as joint.py)."""
 
     def __init__(self, channels, n_classes=None, eps=1e-5, per_class_affine=True):
         super().__init__()
@@ -92,9 +76,8 @@ class CondBatchNorm2d(nn.Module):
         self.offset = nn.Parameter(torch.zeros(k, channels))
 
     def grouping(self, y=None, groups=None, n_groups=None, dtype=torch.float32):
-        """Which rows share statistics, as (group id per row, K x N matrix that averages the
-        rows of each group); None: the whole batch (plain BN). A generator computes it once
-        per forward and gives it to each of its layers (`normalise`)."""
+        """Rows sharing statistics: (group id per row, K x N matrix averaging each group's rows);
+        None: all (plain BN). Computed once per generator forward, for all layers (`normalise`)."""
         if groups is None and (y is None or not self.n_classes or self.n_classes == 1):
             return None
         if groups is None:  # the default: statistics per class
@@ -124,12 +107,9 @@ class CondBatchNorm2d(nn.Module):
 
 
 class Generator(nn.Module):
-    """MeRGAN's digit generator (DCGAN with conditional BN), docs/mergan.md "The networks".
-
-    z (nz=128) -> Linear -> 4x4 x 4dim -> cBN, ReLU -> [ConvT 5x5 s2, cBN, ReLU] ... ->
-    ConvT 5x5 s2 -> tanh. dim=32 at 32x32 gives 128 -> 64 -> 32 -> channels, the authors'
-    net. image_size 64 adds one up-sampling block. n_classes=None: unconditional.
-    """
+    """MeRGAN's digit DCGAN with conditional BN (docs/mergan.md): z (nz=128) -> Linear ->
+    4x4 x 4dim -> cBN, ReLU -> [ConvT 5x5 s2, cBN, ReLU] ... -> ConvT 5x5 s2 -> tanh; dim=32 at
+    32 px: 128 -> 64 -> 32 -> channels; 64 px: one more block; n_classes=None: unconditional."""
 
     def __init__(self, channels=1, n_classes=10, dim=32, nz=128, image_size=32):
         super().__init__()
@@ -146,8 +126,7 @@ class Generator(nn.Module):
             + [nn.ConvTranspose2d(widths[-1], channels, 5, 2, 2, output_padding=1)])
 
     def forward(self, z, y=None, groups=None, n_groups=None):
-        """Images for noise z and labels y; groups/n_groups: rows that share batch-norm
-        statistics (default: the rows of one class; CondBatchNorm2d)."""
+        """Images for noise z and labels y; groups, n_groups: see CondBatchNorm2d."""
         h = self.fc(z).view(len(z), self.top, 4, 4)
         grouping = self.bns[0].grouping(y, groups, n_groups, h.dtype)  # once, for every layer
         for bn, up in zip(self.bns, self.ups):
@@ -156,17 +135,15 @@ class Generator(nn.Module):
 
 
 def draw_batches(G, z, y, batch, per_class=True, plain=False):
-    """G(z, y) for rows that are consecutive batches of `batch` rows, each normalised as a
-    batch of its own (per class within it; per_class=False: as one, JT's batches; y None:
-    an unconditional G), e.g. the fakes of all critic steps of an iteration. Plain form
-    (plain=True, --plain-step): one G call per batch. SPEED BRANCH: one call whose batch-norm
-    groups are the (batch, class) pairs: the same images (tested), fewer launches."""
+    """G(z, y) for consecutive batches of `batch` rows, each normalised as its own batch (per class;
+    per_class=False: as one, JT's; y None: unconditional), e.g. all critic steps' fakes of an
+    iteration. Plain form (--plain-step): one G call per batch. SPEED BRANCH: one call whose
+    batch-norm groups are the (batch, class) pairs: the same images (tested), fewer launches."""
     if plain:
         out = []
         for i in range(0, len(z), batch):
             zb, yb = z[i:i + batch], None if y is None else y[i:i + batch]
-            out.append(G(zb, yb) if per_class or yb is None else
-                       G(zb, yb, torch.zeros_like(yb), 1))
+            out.append(G(zb, yb) if per_class or yb is None else G(zb, yb, torch.zeros_like(yb), 1))
         return torch.cat(out)
     block = torch.arange(len(z), device=z.device) // batch   # which batch each row is in
     n_blocks = -(-len(z) // batch)
@@ -176,10 +153,9 @@ def draw_batches(G, z, y, batch, per_class=True, plain=False):
 
 
 class Critic(nn.Module):
-    """MeRGAN's digit critic: 5x5 s2 convs (dim, 2dim, 4dim), LeakyReLU 0.2, no
-    normalisation (WGAN-GP), two linear heads on the shared features: the critic D (one
-    score) and the auxiliary classifier C (n_classes logits; None: no classifier head).
-    forward returns (score N, logits N x n_classes or None)."""
+    """MeRGAN's digit critic: 5x5 s2 convs (dim, 2dim, 4dim), LeakyReLU 0.2, no normalisation
+    (WGAN-GP), two linear heads: the critic D (one score), the auxiliary classifier C (n_classes
+    logits; None: none). forward returns (score N, logits N x n_classes or None)."""
 
     def __init__(self, channels=1, n_classes=10, dim=32, image_size=32):
         super().__init__()
@@ -201,9 +177,7 @@ class Critic(nn.Module):
 
 
 def mergan_networks(arch, channels, n_classes, dim, image_size, critic_classes):
-    """MeRGAN's digit generator and critic (Table 1); arch 'resnet', the LSUN nets of Table
-    2, is mergan_lsun.mergan_networks. critic_classes: size of the classifier head (None:
-    none)."""
+    """Table 1's generator and critic (critic_classes: its classifier head's size, None: none)."""
     assert arch == "dcgan", "--arch resnet: use mergan_lsun.mergan_networks"
     return (Generator(channels, n_classes, dim, image_size=image_size),
             Critic(channels, critic_classes, dim, image_size=image_size))

@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         "earlier class and the alignment divided by K; off, a whole batch per "
                         "earlier class, not divided")
     M.add_mergan_args(p)  # the flags both MeRGAN scripts share
-    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS)
+    args = R.parse_run_args(p, argv, run_flags=M.RUN_FLAGS, script="mergan_ra")
     M.mergan_defaults(args)  # arch, dim, iters, reduce-batch, final metrics per dataset
     if args.lambda_ra is None:  # the authors' train.sh: 1e-2 on SVHN, else (LSUN too) 1e-3
         args.lambda_ra = 1e-2 if args.dataset in ("svhn", "synth-color") else 1e-3

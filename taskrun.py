@@ -1,7 +1,6 @@
-"""A run's safety net, apart from the methods: its locked folder and args.json, checkpoints
-and the exact resume (RNG states, data and evaluator fingerprints), one-line errors (`cli`),
-the progress line that stops a diverging run, and the task loop's bookkeeping (`setup`,
-`TaskRun`). A student can skip this file; docs/core.md says what each guarantee covers."""
+"""A run's safety net, apart from the methods (a student can skip it; docs/core.md): its locked
+folder and args.json, checkpoints and exact resume (RNG states, data and evaluator fingerprints),
+one-line errors (`cli`), the progress line that stops a diverging run, `setup` and `TaskRun`."""
 import argparse
 import fcntl
 import hashlib
@@ -9,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -25,8 +25,7 @@ class Diverged(C.UserError):
     """NaN/Inf in training: stops before the task is evaluated or saved (nothing is lost)."""
 
 
-RUN_FOLDER = RUN_SCRIPT = RUN_LOCK = None  # prepare_run's: where an interrupted run left its
-# checkpoint; the script recorded in every checkpoint; the folder's descriptor, flock-ed
+RUN_FOLDER = RUN_SCRIPT = RUN_LOCK = None  # prepare_run's: run folder, script, flock-ed fd
 CHECKPOINT = "checkpoint.pt"
 RUN_INPUTS = {}  # fingerprints of the data and evaluator the run is made of (run_inputs)
 
@@ -35,8 +34,9 @@ def cli(main, argv=None):
     """Run `main(argv)`; a UserError ends in one line on stderr and exit status 2."""
     try:
         return main(argv)
-    except C.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except C.UserError as err:  # after a write failure: fix it, then how to go on
+        print(f"error: {err}" + (f"; fix it: {next_step()}" if isinstance(err, C.WriteError)
+                                 else ""), file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(err, MemoryError) and "allocate" not in str(err):
@@ -46,19 +46,31 @@ def cli(main, argv=None):
               file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        saved = RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT))
-        print("\n" + (f"interrupted: the last finished task or stage is checkpointed in "
-                      f"{RUN_FOLDER}; rerun with --resume --out {RUN_FOLDER}" if saved else
-                      "interrupted before the first checkpoint: nothing to resume"
-                      + (f"; {RUN_FOLDER} holds only this call's first files: delete it or "
-                         "pass another --out" if RUN_FOLDER else "")), file=sys.stderr)
+        print(f"\ninterrupted: {next_step()}", file=sys.stderr)
         sys.exit(130)
 
 
-# Flags that may be given again on --resume: where and how this call runs, not what the
-# experiment is. Every other flag is read from the run's args.json.
+def next_step():
+    """How to go on after a run stopped early: --resume, or (no checkpoint yet) anew."""
+    if RUN_FOLDER and os.path.exists(os.path.join(RUN_FOLDER, CHECKPOINT)):
+        return (f"the last finished task or stage is checkpointed in {RUN_FOLDER}; rerun "
+                f"with --resume --out {RUN_FOLDER}")
+    return "before the first checkpoint: nothing to resume; " + (
+        f"{RUN_FOLDER} holds only this call's first files: delete it or pass another --out"
+        if RUN_FOLDER and unsaved(RUN_FOLDER) else "rerun the command")
+
+
+def unsaved(folder):
+    """folder's files but args.json and what a run that stopped before its first checkpoint
+    leaves (sample grids, partial writes), which the same script's new run replaces."""
+    return [f for f in sorted(os.listdir(folder)) if f != "args.json" and not
+            re.fullmatch(r"samples_task\d+\.png|.+\.tmp", f)]
+
+
+# Flags --resume may take anew: where and how this call runs; all others come from args.json.
 RUN_FLAGS = ("out", "device", "data_root", "no_download", "log_every", "max_tasks")
 PER_CALL = ("resume", "max_tasks")  # belong to one call: never taken from args.json
+MAY_CHANGE = (*RUN_FLAGS, *PER_CALL)  # the flags a resumed run may take anew (parse_run_args)
 
 
 def given_flags(parser, argv=None):
@@ -68,9 +80,10 @@ def given_flags(parser, argv=None):
     return {k: v for k, v in vars(ns).items() if v is not unset}
 
 
-def parse_run_args(parser, argv=None, run_flags=()):
-    """parser.parse_args(argv); with --resume, the experiment's flags come from the run's
-    args.json: a flag given again keeps its value unless it is in RUN_FLAGS or `run_flags`."""
+def parse_run_args(parser, argv=None, run_flags=(), script=""):
+    """parser.parse_args(argv); with --resume the experiment's flags come from args.json (of a
+    `script`* run): one given again must keep its value unless in RUN_FLAGS or `run_flags`."""
+    global MAY_CHANGE
     args = parser.parse_args(argv)
     if not getattr(args, "resume", False):
         return args
@@ -84,7 +97,17 @@ def parse_run_args(parser, argv=None, run_flags=()):
         raise C.UserError(f"--resume: {args.out} holds no run (no args.json): nothing to resume")
     except (OSError, ValueError) as err:
         raise C.UserError(f"--resume: {path} cannot be read ({type(err).__name__})")
-    given, may_change = given_flags(parser, argv), {*RUN_FLAGS, *PER_CALL, *run_flags}
+    if not isinstance(old, dict) or not str(old.get("script", script)).startswith(script):
+        raise C.UserError(f"--resume: {path} is not the record of a {script}* run ("
+                          + (f"a {old['script']} run's" if isinstance(old, dict) else
+                             "not a dictionary") + ")")
+    try:  # its values read as the command line's are: the flags' own type= and choices
+        parser.parse_args([f"{a.option_strings[-1]}={old[a.dest]}" for a in parser._actions if
+                           a.nargs != 0 and type(old.get(a.dest)) in (str, int, float)])
+    except C.UserError as err:
+        raise C.UserError(f"--resume: {path}: {err}")
+    given = given_flags(parser, argv)
+    MAY_CHANGE = may_change = {*RUN_FLAGS, *PER_CALL, *run_flags}
     changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {given[k]!r}" for k in sorted(old)
                if k in given and k not in may_change and given[k] != old[k]]
     if changed:
@@ -122,10 +145,10 @@ def set_rng_state(state):  # rng_state's inverse
 
 
 def prepare_run(args, script):
-    """The run folder, held with an OS lock (fcntl.flock) until the process ends, so two runs
-    never share one: with --resume the one in --out (its checkpoint returned, nothing
-    written), else a new one, never written over (an --out holding more than a stopped run
-    of this script's args.json is refused), where args.json is written, naming `script`."""
+    """The run folder, held with an OS lock (fcntl.flock) until the process ends, so two runs never
+    share one: with --resume the one in --out (its checkpoint returned, nothing written), else a new
+    one, never written over (an --out holding more than a stopped run of this script's args.json is
+    refused), where args.json is written, naming `script`."""
     global RUN_FOLDER, RUN_SCRIPT, RUN_LOCK
     ckpt, path = None, os.path.join(args.out or "", CHECKPOINT)
     if args.resume and not os.path.exists(path):
@@ -149,16 +172,23 @@ def prepare_run(args, script):
     if args.resume:
         ckpt = load_checkpoint(path)
         if ckpt.get("script", script) != script:
-            raise C.UserError(f"--resume: {args.out} is a run of {ckpt['script']}, not of "
-                              f"{script}")
+            raise C.UserError(f"--resume: {args.out} is a run of {ckpt['script']}, not of {script}")
+        now = json.loads(json.dumps(vars(args)))  # the checkpoint's copy checks args.json
+        edited = [f"--{k.replace('_', '-')} {now[k]!r}, checkpoint {v!r}" for k, v in
+                  json.loads(json.dumps(ckpt.get("args", {}))).items()
+                  if k in now and k not in MAY_CHANGE and now[k] != v]
+        if edited:
+            raise C.UserError(f"--resume: {args.out}/args.json differs from the run's own "
+                              f"record in its checkpoint ({'; '.join(edited)}): restore it")
         for f in [f for f in others if f.endswith(".tmp")]:  # a kill during a save: stale
             os.remove(os.path.join(args.out, f))
             print(f"resume: removed {f}, a partial write of the interrupted run")
     elif os.path.exists(path):
         raise C.UserError(f"{args.out} already holds a run; pass --resume to continue it or "
                           "choose another --out")
-    elif others or len(os.listdir(args.out)) and script_of(args.out) != script:
-        raise C.UserError(f"--out {args.out} is not empty ({(others or ['args.json'])[0]}, "
+    elif unsaved(args.out) or os.listdir(args.out) and script_of(args.out) != script:
+        raise C.UserError(f"--out {args.out} is not empty ("
+                          f"{(unsaved(args.out) or others or ['args.json'])[0]}, "
                           f"no args.json of a stopped {script} run: the user's, another "
                           "script's or an older version's); nothing is overwritten")
     RUN_FOLDER, RUN_SCRIPT = args.out, script
@@ -227,8 +257,7 @@ BLAME = "--lr"  # the flag most likely at fault when training diverges (suspect)
 
 
 def suspect(args, usual, flags):
-    """Set BLAME: of `flags` (learning rates, loss weights), the one set furthest above
-    its usual value (`usual`: the script's parsed defaults), else --lr."""
+    """Set BLAME: the flag of `flags` furthest above its default (in `usual`), else --lr."""
     global BLAME
     ratio = {f: getattr(args, f) / getattr(usual, f) for f in flags
              if getattr(usual, f, None) and getattr(args, f, None)}
@@ -238,10 +267,9 @@ def suspect(args, usual, flags):
 
 
 class Progress:
-    """A progress line every `every` iterations: losses, it/s and ETA. `update(it, losses)`
-    reads the loss tensors (one host sync) only when it prints: no `.item()` in the loop.
-    A value that is NaN/Inf, or a loss (tensor) beyond LOSS_BOUND, stops the run (Diverged);
-    not bounded: penalties (their size is their lambda's, e.g. EWC's 1e9) and e.g. DGM's s."""
+    """A progress line every `every` iterations: losses, it/s, ETA; `update(it, losses)` reads the
+    loss tensors (one host sync) only when it prints. NaN/Inf, or a loss tensor beyond LOSS_BOUND,
+    stops the run (Diverged); not bounded: penalties (sized by lambda: EWC's 1e9), DGM's s."""
 
     def __init__(self, total, every, prefix=""):
         self.total, self.every, self.prefix, self.t0 = total, max(1, every), prefix, time.time()
@@ -266,8 +294,7 @@ class Progress:
 
 
 def check_finite(module, where):
-    """Diverged if a float tensor of `module`'s state is NaN/Inf or a parameter is beyond
-    WEIGHT_BOUND: one host sync, once per task, before evaluating or saving."""
+    """Diverged if `module`'s float state is NaN/Inf or a parameter is beyond WEIGHT_BOUND."""
     ts = [v for v in module.state_dict().values() if torch.is_tensor(v) and v.is_floating_point()]
     big = [p.detach().abs().max() > WEIGHT_BOUND for p in module.parameters() if p.numel()]
     if ts and not bool(torch.stack([torch.isfinite(v).all() for v in ts]
@@ -278,9 +305,8 @@ def check_finite(module, where):
 
 
 def setup(args, script, digits="pad", load=None):
-    """A sequential script's device, seed, data on the device, tasks, run folder (or the
-    checkpoint to resume) and evaluator. `digits`: 28 -> 32 px; `load`: load_dataset or one
-    that reads more datasets (mergan_lsun.load_dataset)."""
+    """A sequential script's device, seed, data on the device, tasks, run folder (or checkpoint to
+    resume) and evaluator. `digits`: 28 -> 32 px; `load`: e.g. mergan_lsun.load_dataset."""
     device = C.pick_device(args.device)
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})"
                                  if device.type == "cuda" else ""), flush=True)
@@ -289,8 +315,7 @@ def setup(args, script, digits="pad", load=None):
     if args.mnist_train != 60000 and args.dataset != "mnist":
         raise C.UserError(f"--mnist-train is read with --dataset mnist only, not {args.dataset}")
     load = load or C.load_dataset
-    x, y, names = load(args.dataset, args.data_root, True, size, download, digits,
-                       args.mnist_train)
+    x, y, names = load(args.dataset, args.data_root, True, size, download, digits, args.mnist_train)
     tx, ty, _ = load(args.dataset, args.data_root, False, size, download, digits)
     if len(names) < 2:  # an evaluator of one class would score 100% whatever G draws
         raise C.UserError(f"{args.dataset} in {args.data_root}: {len(names)} class found; the "
@@ -306,16 +331,13 @@ def setup(args, script, digits="pad", load=None):
     run_inputs(ckpt, out, evaluator=fingerprint(*evaluator.state_dict().values()))
     return argparse.Namespace(device=device, train=train, test=test, tasks=tasks, out=out,
                               ckpt=ckpt, evaluator=evaluator, evaluator_acc=evaluator_acc,
-                              n_classes=len(names), channels=x.shape[1],
-                              image_size=x.shape[-1])
+                              n_classes=len(names), channels=x.shape[1], image_size=x.shape[-1])
 
 
 class TaskRun:
-    """The bookkeeping around a sequential script's task loop, which stays in the script:
-    `for t in run.remaining_tasks(): train_task(t, ...); run.end_task(t)` (Acc of every class
-    seen, grid, checkpoint), then `run.finish(paper)` (GIF, metrics.json, the table). `models`
-    and `extra` (the method's plain data, joining metrics.json) are checkpointed with every
-    RNG state; `measure(seen)` -> {class: Acc %} replaces generated_accuracy."""
+    """Bookkeeping around a script's own loop, `for t in run.remaining_tasks(): train_task(t, ...);
+    run.end_task(t)`, then `run.finish(paper)`. `models`, `extra` (plain data, also in metrics.json)
+    are checkpointed; `measure(seen)` -> {class: Acc %} replaces generated_accuracy."""
 
     def __init__(self, args, env, method, models, generate, nz=128, extra=None, measure=None):
         self.args, self.env, self.method, self.models = args, env, method, models
@@ -335,8 +357,7 @@ class TaskRun:
                 raise C.UserError(f"--resume: the checkpoint in {env.out} does not fit these "
                                   f"networks or lacks a part ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:80]})")
-            print(f"resuming after task {self.start}/{len(env.tasks)} from {env.out}",
-                  flush=True)
+            print(f"resuming after task {self.start}/{len(env.tasks)} from {env.out}", flush=True)
         self.all_classes = [c for task in env.tasks for c in task]
         g = torch.Generator().manual_seed(1234)
         self.z_grid = torch.randn(10, nz, generator=g).to(env.device)  # the grids' noise
@@ -366,9 +387,8 @@ class TaskRun:
                      os.path.join(self.env.out, f"samples_task{t + 1}.png"))
         self.seconds += time.time() - self.t0
         print(f"[task {t + 1}/{len(tasks)}] Acc per task: "
-              + " ".join(f"{v:.1f}" for v in self.R[t][:t + 1])
-              + f"  avg {np.mean(self.R[t][:t + 1]):.2f}%  ({time.time() - self.t0:.0f}s)",
-              flush=True)
+              + " ".join(f"{v:.1f}" for v in self.R[t][:t + 1]) + f"  avg "
+              f"{np.mean(self.R[t][:t + 1]):.2f}%  ({time.time() - self.t0:.0f}s)", flush=True)
         save_checkpoint(self.env.out, {  # first: metrics.json is never a task ahead of it
             "task": t, "models": {k: m.state_dict() for k, m in self.models.items()},
             "R": self.R, "class_acc": self.class_acc, "seconds": self.seconds,

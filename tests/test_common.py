@@ -1012,20 +1012,25 @@ def test_interrupt_says_whether_there_is_anything_to_resume(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         R.cli(stop, [])
     assert e.value.code == 130
-    assert "interrupted before the first checkpoint: nothing to resume" in capsys.readouterr().err
+    assert "interrupted: before the first checkpoint: nothing to resume" in capsys.readouterr().err
     R.save_checkpoint(str(tmp_path), {"task": 0})
     with pytest.raises(SystemExit):
         R.cli(stop, [])
     assert f"checkpointed in {tmp_path}; rerun with --resume" in capsys.readouterr().err
 
 
-def test_negative_class_index_is_one_line(capsys):
-    """argparse reads `--classes -1,2` as a missing value: one line, exit status 2."""
+def test_negative_numbers_are_values_and_judged_by_their_type(capsys):
+    """argparse read `--classes -1,2` and `--solver-lr -1e-3` as flags ("expected one
+    argument"); they are values, refused in one line by what they are (issue 37)."""
+    import dgr
     import mergan_ra
-    with pytest.raises(SystemExit) as e:
-        R.cli(mergan_ra.main, ["--dataset", "synth", "--classes", "-1,2"])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: argument --classes: expected one argument"
+    for main, argv, said in (
+            (mergan_ra.main, ["--classes", "-1,2"], "--classes '-1,2': classes must be in 0..9"),
+            (dgr.main, ["--solver-lr", "-1e-3"],
+             "argument --solver-lr: must be a positive number, got -1e-3")):
+        with pytest.raises(SystemExit) as e:
+            R.cli(main, ["--dataset", "synth", "--device", "cpu", *argv])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {said}"
 
 
 def test_metrics_are_never_ahead_of_the_checkpoint(data_root, tmp_path, monkeypatch):
@@ -1184,14 +1189,19 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_file(tmp_path, monkeypa
     previous one."""
     path = str(tmp_path / "checkpoint.pt")
     C.atomic_save({"task": 0}, path)
-    for err in (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 "
-                             "vs 0"), OSError(28, "No space left on device")):
+    pos = RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    for err, free, why in ((pos, 2**20, "a full disk"), (OSError(28, "No space left"), None,
+                           "a full disk"), (pos, 2**40, "a file-size limit"),  # (issue 37)
+                           (OSError(27, "File too large"), None, "a file-size limit")):
         def full(obj, target, err=err):
             open(target, "wb").write(b"par")
             raise err
         monkeypatch.setattr(C.torch, "save", full)
+        if free:  # torch.save's RuntimeError: the room left tells the two apart
+            monkeypatch.setattr(C.shutil, "disk_usage", lambda p, free=free: argparse.Namespace(
+                free=free))
         with pytest.raises(C.UserError, match=r"cannot write .*checkpoint.pt .* MiB free there "
-                                              r"\(a full disk\?\): the last good files are kept"):
+                                              rf"\({why}\?\): the last good files are kept"):
             C.atomic_save({"task": 1}, path)
         monkeypatch.undo()
         assert torch.load(path) == {"task": 0} and os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -1222,3 +1232,104 @@ def test_healthy_bounds_reads_the_largest_loss_and_weight(tmp_path, capsys):
             if line.split() and line.split()[0] in ("d_loss", "g_loss", "ra_loss", "s")}
     assert rows == {"d_loss": 7.25, "g_loss": 12.0, "ra_loss": 1237.30}, out
     assert re.search(r"G +parameters +1.75 ", out), out
+
+
+# -- Issue 37, round three: run records, a read-only data root, a run that stopped early --
+def _hashes(folder):
+    import hashlib
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(pathlib.Path(folder).iterdir())}
+
+
+def _tiny(data_root, out, *more):
+    return ["--dataset", "synth", "--classes", "0,1", "--iters", "2", "--dim", "8",
+            "--batch-size", "8", "--eval-samples", "10", "--device", "cpu", "--log-every",
+            "10", "--data-root", str(data_root), "--out", str(out), *more]
+
+
+def test_run_records_are_read_as_the_command_line_is(data_root, tmp_path, capsys):
+    """--resume trusted args.json: `[]` gave an AttributeError, "iters": "abc" a TypeError
+    inside training, a hand-edited lr resumed silently at the new rate, another script's
+    record an AttributeError. Each is now one line, with no file of the run changed; the
+    restored record resumes."""
+    import ewc_fewshot
+    import mergan_jtr
+    out = tmp_path / "run"
+    R.cli(mergan_jtr.main, _tiny(data_root, out, "--max-tasks", "1"))
+    good = (out / "args.json").read_text()
+    rec = json.loads(good)
+    for main, text, said in (
+            (mergan_jtr.main, "[]", "is not the record of a mergan_* run (not a dictionary)"),
+            (mergan_jtr.main, json.dumps(dict(rec, iters="abc")),
+             "argument --iters: must be at least 1, got 'abc'"),
+            (mergan_jtr.main, json.dumps(dict(rec, lr="abc")), "argument --lr: must be a "),
+            (mergan_jtr.main, json.dumps(dict(rec, lr=2e-3)),
+             "args.json differs from the run's own record in its checkpoint (--lr 0.002, "
+             "checkpoint 0.0001)"),
+            (mergan_jtr.main, json.dumps(dict(rec, script="ewc_fewshot")),
+             "is not the record of a mergan_* run (a ewc_fewshot run's)"),
+            (ewc_fewshot.main, good, "is not the record of a ewc_fewshot* run (a mergan_jtr "
+             "run's)")):
+        (out / "args.json").write_text(text)
+        before = _hashes(out)
+        with pytest.raises(SystemExit) as e:
+            R.cli(main, ["--resume", "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and said in err, err
+        assert _hashes(out) == before
+    (out / "args.json").write_text(good)
+    R.cli(mergan_jtr.main, ["--resume", "--out", str(out)])
+    assert json.loads((out / "metrics.json").read_text())["tasks_done"] == 2
+
+
+def test_a_read_only_data_root_caches_the_evaluator_in_the_users_cache(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A data root that cannot take the evaluator's cache (a read-only mount; here its
+    `evaluators` path is taken by a file, which root cannot write into either) once ended in
+    a traceback after the evaluator had trained. Where the cache goes is now decided before
+    training: the user's cache folder (under $TORCH_HOME), read back by the next run."""
+    import mergan_jtr
+    root = tmp_path / "ro"
+    root.mkdir()
+    (root / "evaluators").write_text("not a folder")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cache = tmp_path / "home" / "cl-gans-evaluators"
+    R.cli(mergan_jtr.main, _tiny(root, tmp_path / "a", "--max-tasks", "1"))
+    said = capsys.readouterr().out
+    assert f"is not writable; cached in {cache}" in said
+    assert said.index("not writable") < said.index("evaluator (ours): training")
+    assert [p.name for p in cache.iterdir()] == ["synth-32px-n10000-v1.pt"]
+    R.cli(mergan_jtr.main, _tiny(root, tmp_path / "b", "--max-tasks", "1"))
+    assert f"evaluator: loaded {cache}" in capsys.readouterr().out
+    assert (root / "evaluators").read_text() == "not a folder"
+
+
+def test_a_write_failure_before_the_first_checkpoint_says_rerun(data_root, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A file-size limit hit by the first checkpoint advised --resume, which then found
+    nothing, and the same command was refused because of the run's own sample grid. Now it
+    says the limit may be the cause, that there is nothing to resume, and the rerun works."""
+    import mergan_jtr
+    out = tmp_path / "run"
+    save = C.torch.save
+
+    def too_large(obj, f):
+        if str(f).endswith("checkpoint.pt.tmp"):
+            raise OSError(27, "File too large")
+        save(obj, f)
+    monkeypatch.setattr(C.torch, "save", too_large)
+    with pytest.raises(SystemExit) as e:
+        R.cli(mergan_jtr.main, _tiny(data_root, out))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert err.endswith("(a file-size limit?): the last good files are kept; fix it: before "
+                        "the first checkpoint: nothing to resume; rerun the command"), err
+    assert sorted(os.listdir(out)) == ["args.json", "samples_task1.png"]
+    monkeypatch.undo()
+    R.cli(mergan_jtr.main, _tiny(data_root, out))
+    assert json.loads((out / "metrics.json").read_text())["tasks_done"] == 2
+    (tmp_path / "mine").mkdir()  # a grid beside no run's args.json is the user's: kept
+    (tmp_path / "mine" / "samples_task1.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit):
+        R.cli(mergan_jtr.main, _tiny(data_root, tmp_path / "mine"))
+    assert "is not empty (samples_task1.png" in capsys.readouterr().err

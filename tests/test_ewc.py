@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import imageio.v2 as imageio
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -328,6 +330,10 @@ def test_domains_convert_channels_and_folders_of_loose_images(tmp_path):
         imageio.imwrite(tmp_path / "mine" / f"{i}.png", im.permute(1, 2, 0).numpy())
     fx, fy, names = E.load_domain("folder", str(tmp_path / "mine"), True, 32, None, False)
     assert fx.shape == (5, 3, 32, 32) and names == ["mine"] and (fy == 0).all()
+    (tmp_path / "one").mkdir()  # issue 37: once a linalg.eigh error after 40 s of training
+    imageio.imwrite(tmp_path / "one" / "0.png", imgs[0].permute(1, 2, 0).numpy())
+    with pytest.raises(C.UserError, match="1 image.* the measures need at least 2"):
+        E.load_domain("folder", str(tmp_path / "one"), True, 32, None, False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -460,6 +466,11 @@ def test_user_errors_are_one_line(tmp_path):
                   "is not a few-shot source (the source.pt of an ewc_fewshot.py run folder)"))
     cases.append((["--target", "folder", "--target-root", str(bad)],
                   f"--target-root {bad} is a file"))  # once reported as --data-root
+    one = tmp_path / "one"  # issue 37: a target of one image, before any training
+    one.mkdir()
+    imageio.imwrite(one / "0.png", np.zeros((8, 8, 3), np.uint8))
+    cases.append((["--target", "folder", "--target-root", str(one), "--out",
+                   str(tmp_path / "r4")], "1 image(s) in"))
     for flags, msg in cases:
         r = run_script(*flags, "--data-root", str(tmp_path))
         assert r.returncode == 2, (flags, r.stderr)
