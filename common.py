@@ -137,7 +137,8 @@ def task_split(classes_arg, n_classes, per_task):
 DIGIT_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                "t10k-labels-idx1-ubyte")
 DATASETS = {
-    "mnist": (1, 10, "MNIST/raw", DIGIT_FILES), "fashion": (1, 10, "FashionMNIST/raw", DIGIT_FILES),
+    "mnist": (1, 10, "MNIST/raw", DIGIT_FILES),
+    "fashion": (1, 10, "FashionMNIST/raw", DIGIT_FILES),
     "svhn": (3, 10, "", "train_32x32.mat, test_32x32.mat"),
     "cifar10": (3, 10, "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
     "folder": (3, None, "", "one sub-folder of images per class, or train/ and test/ of them"),
@@ -412,7 +413,6 @@ def accuracy(model, x, y):
 
 
 EVALUATOR_VERSION = 1  # bump when make_classifier or train_classifier changes: old caches retrain
-ACC_CHUNK = 64000  # generated images held at once (a multiple of 64 and of classify's 1000)
 
 
 def classifier_budget(dataset, n):
@@ -471,6 +471,9 @@ def get_evaluator(args, train, test, n_classes, device, log=print, prep=""):
     log(f"evaluator: real test accuracy {acc:.2f}% ({steps} steps, {time.time() - t0:.0f}s)")
     atomic_save({"key": key, "model": model.state_dict(), "test_acc": acc}, path)
     return model, acc
+
+
+ACC_CHUNK = 64000  # generated images held at once (a multiple of 64 and of classify's 1000)
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def next_step():
                 f"with --resume --out {RUN_FOLDER}")
     return "before the first checkpoint: nothing to resume; " + (
         f"{RUN_FOLDER} holds only this call's first files: delete it or pass another --out"
-        if RUN_FOLDER and unsaved(RUN_FOLDER) else "rerun the command")
+        if os.path.isdir(RUN_FOLDER or "") and unsaved(RUN_FOLDER) else "rerun the command")
 
 
 def unsaved(folder):
@@ -168,7 +168,7 @@ def prepare_run(args, script):
         why = "is a file, not a folder" if os.path.isfile(args.out or "") else (
             f"cannot write there ({type(err).__name__}: {err.strerror or err})")
         raise C.UserError(f"--out {args.out or './runs'}: {why}; pass --out to a writable place")
-    others = sorted(set(os.listdir(args.out)) - {"args.json"})
+    others, left = sorted(set(os.listdir(args.out)) - {"args.json"}), unsaved(args.out)
     if args.resume:
         ckpt = load_checkpoint(path)
         if ckpt.get("script", script) != script:
@@ -186,9 +186,8 @@ def prepare_run(args, script):
     elif os.path.exists(path):
         raise C.UserError(f"{args.out} already holds a run; pass --resume to continue it or "
                           "choose another --out")
-    elif unsaved(args.out) or os.listdir(args.out) and script_of(args.out) != script:
-        raise C.UserError(f"--out {args.out} is not empty ("
-                          f"{(unsaved(args.out) or others or ['args.json'])[0]}, "
+    elif left or os.listdir(args.out) and script_of(args.out) != script:
+        raise C.UserError(f"--out {args.out} is not empty ({(left or others or ['args.json'])[0]}, "
                           f"no args.json of a stopped {script} run: the user's, another "
                           "script's or an older version's); nothing is overwritten")
     RUN_FOLDER, RUN_SCRIPT = args.out, script
